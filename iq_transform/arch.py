@@ -1,0 +1,101 @@
+"""Per-architecture knowledge, in one declarative table.
+
+Everything the rest of the package needs to know about a model family lives here:
+where the decoder layers are, which norms feed which quantized linears, which linear
+is the MLP's output projection (where spikes are born and removed) and how the norm
+applies its weight. Adding an architecture means adding one ``ArchSpec`` entry.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+__all__ = ["ArchSpec", "ARCHITECTURES", "UnknownArchitectureError", "get_arch_spec"]
+
+
+class UnknownArchitectureError(ValueError):
+    """The model's ``config.model_type`` has no entry in ``ARCHITECTURES``."""
+
+
+@dataclass(frozen=True)
+class ArchSpec:
+    """How one model family is laid out.
+
+    :param name: family name used in logs
+    :param model_types: ``config.model_type`` values that use this layout
+    :param layers: attribute path from the top model to the decoder ``ModuleList``
+    :param norm_linears: for each norm inside a decoder layer whose output feeds
+        quantized linears, the names of those linears (relative to the layer)
+    :param down_proj: the MLP output projection, relative to a decoder layer
+    :param final_norm: attribute path of the final norm from the top model
+    :param norm_weight_offset: the norm computes ``x_hat * (offset + weight)``;
+        1.0 for Gemma's ``(1 + w)`` norms, 0.0 for Llama's ``w``
+    """
+
+    name: str
+    model_types: tuple[str, ...]
+    layers: str = "model.layers"
+    norm_linears: dict[str, tuple[str, ...]] = field(
+        default_factory=lambda: {
+            "input_layernorm": (
+                "self_attn.q_proj",
+                "self_attn.k_proj",
+                "self_attn.v_proj",
+            ),
+            "post_attention_layernorm": ("mlp.gate_proj", "mlp.up_proj"),
+        }
+    )
+    down_proj: str = "mlp.down_proj"
+    final_norm: str = "model.norm"
+    norm_weight_offset: float = 0.0
+
+    def decoder_layers(self, model: nn.Module) -> nn.ModuleList:
+        return model.get_submodule(self.layers)
+
+    def norm_names(self) -> tuple[str, ...]:
+        return tuple(self.norm_linears)
+
+    def effective_norm_weight(self, norm: nn.Module) -> torch.Tensor:
+        """The per-channel factor the norm multiplies its normalized input by."""
+        return norm.weight.float() + self.norm_weight_offset
+
+
+LLAMA = ArchSpec(
+    name="llama",
+    model_types=("llama", "mistral", "qwen2", "qwen3", "granite"),
+)
+GEMMA3 = ArchSpec(
+    name="gemma3",
+    model_types=("gemma3_text", "gemma2", "gemma"),
+    norm_linears={
+        "input_layernorm": (
+            "self_attn.q_proj",
+            "self_attn.k_proj",
+            "self_attn.v_proj",
+        ),
+        "pre_feedforward_layernorm": ("mlp.gate_proj", "mlp.up_proj"),
+    },
+    norm_weight_offset=1.0,
+)
+
+ARCHITECTURES: tuple[ArchSpec, ...] = (LLAMA, GEMMA3)
+
+
+def get_arch_spec(model: nn.Module) -> ArchSpec:
+    """Look up the layout of ``model`` from its ``config.model_type``."""
+    config = getattr(model, "config", None)
+    model_type = getattr(config, "model_type", None)
+    if model_type == "gemma" and hasattr(config, "text_config"):
+        model_type = config.text_config.model_type
+    for spec in ARCHITECTURES:
+        if model_type in spec.model_types:
+            return spec
+    known = sorted(t for spec in ARCHITECTURES for t in spec.model_types)
+    raise UnknownArchitectureError(
+        f"Unknown architecture: config.model_type={model_type!r}. iq_transform knows "
+        f"{known}. Add an ArchSpec entry for it in iq_transform/arch.py (decoder "
+        "layer path, norm -> linear mapping, MLP down projection)."
+    )

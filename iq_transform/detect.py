@@ -1,0 +1,60 @@
+"""Which tokens are spike tokens.
+
+A token is a spike token at a site when its largest |activation| exceeds ``ratio``
+times the median, over the valid tokens of its sequence, of that per-token maximum
+(Sun et al. 2024; PrefixQuant; INSERTQUANT use 64). One token alone has no median
+(decode with a KV cache), so a calibrated absolute threshold can stand in for it.
+"""
+
+from __future__ import annotations
+
+import torch
+
+__all__ = ["MIN_TOKENS_FOR_MEDIAN", "token_max_abs", "spike_token_mask"]
+
+# A median over a handful of tokens (decode steps, tiny prompts) says nothing.
+MIN_TOKENS_FOR_MEDIAN = 8
+
+
+def token_max_abs(hidden: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-token max |x| over channels and the channel where it sits.
+
+    :param hidden: activations of shape (..., tokens, channels)
+    :return: ``(values, channels)``, each of shape (..., tokens)
+    """
+    values, channels = hidden.detach().abs().max(dim=-1)
+    return values.float(), channels
+
+
+def spike_token_mask(
+    token_max: torch.Tensor,
+    ratio: float,
+    attention_mask: torch.Tensor | None = None,
+    threshold: torch.Tensor | float | None = None,
+) -> torch.Tensor:
+    """Boolean mask of spike tokens.
+
+    :param token_max: per-token max |x|, shape (batch, tokens)
+    :param ratio: a token is a spike when its max exceeds ``ratio`` x the median of
+        the per-token maxima of the valid tokens of its sequence
+    :param attention_mask: (batch, tokens), 1 for real tokens; padding is never a
+        spike and never enters the median
+    :param threshold: absolute max |x| above which a token is a spike whatever the
+        median; the only test for sequences with fewer than
+        ``MIN_TOKENS_FOR_MEDIAN`` valid tokens
+    :return: bool tensor (batch, tokens)
+    """
+    if token_max.dim() == 1:
+        token_max = token_max.unsqueeze(0)
+    valid = (
+        torch.ones_like(token_max, dtype=torch.bool)
+        if attention_mask is None
+        else attention_mask.to(torch.bool).reshape(token_max.shape)
+    )
+    masked = token_max.masked_fill(~valid, float("nan"))
+    median = masked.nanmedian(dim=-1, keepdim=True).values
+    n_valid = valid.sum(dim=-1, keepdim=True)
+    by_ratio = (token_max > ratio * median) & (n_valid >= MIN_TOKENS_FOR_MEDIAN)
+    if threshold is not None:
+        by_ratio = by_ratio | (token_max > threshold)
+    return by_ratio & valid

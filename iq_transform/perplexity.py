@@ -1,0 +1,64 @@
+"""Perplexity over token windows: the sum of token NLLs over all predictions."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+__all__ = ["PerplexityResult", "perplexity"]
+
+
+@dataclass
+class PerplexityResult:
+    """:param ppl: exp(nll_sum / num_predictions)"""
+
+    ppl: float
+    nll_sum: float
+    num_predictions: int
+    num_windows: int
+    seqlen: int
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+@torch.no_grad()
+def perplexity(
+    model: nn.Module,
+    windows: torch.Tensor,
+    batch_size: int = 1,
+    progress: bool = True,
+    description: str = "perplexity",
+) -> PerplexityResult:
+    """Perplexity of ``model`` on ``windows`` (windows, seqlen), each scored alone.
+
+    :raises FloatingPointError: when the model produces NaN or inf logits
+    """
+    device = next(model.parameters()).device
+    nll_sum, count = 0.0, 0
+    batches = windows.split(batch_size)
+    for batch in tqdm(batches, desc=description, disable=not progress, leave=False):
+        batch = batch.to(device)
+        logits = model(input_ids=batch, use_cache=False).logits[:, :-1].float()
+        if not torch.isfinite(logits).all():
+            raise FloatingPointError(
+                "The model produced NaN/inf logits; check the quantization settings "
+                "(e.g. a scale of zero) or the model weights."
+            )
+        targets = batch[:, 1:]
+        nll = nn.functional.cross_entropy(
+            logits.reshape(-1, logits.shape[-1]), targets.reshape(-1), reduction="sum"
+        )
+        nll_sum += nll.item()
+        count += targets.numel()
+    return PerplexityResult(
+        ppl=math.exp(nll_sum / count),
+        nll_sum=nll_sum,
+        num_predictions=count,
+        num_windows=windows.shape[0],
+        seqlen=windows.shape[1],
+    )

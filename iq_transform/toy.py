@@ -1,0 +1,178 @@
+"""A tiny Llama with planted massive activations, for tests and quick sweeps.
+
+Two spike kinds, as in real LLMs: ``<s>`` (BOS, always the first token) and the
+newline delimiter (mid-sequence). Each carries a marker in its own embedding channel;
+a dedicated unit of layer ``create_layer``'s MLP turns the marker into a spike in its
+own residual channel, and a unit of layer ``remove_layer``'s MLP, keyed on that
+channel, cancels it exactly. The channels involved are reserved (nothing else writes
+to them), so between the two layers each spike token's normalized hidden vector is
+a constant one-hot vector, like the first token of a real LLM.
+"""
+
+from __future__ import annotations
+
+import string
+from dataclasses import dataclass
+
+import torch
+from tokenizers import Tokenizer, models, pre_tokenizers, processors
+from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+
+__all__ = ["PlantedSpike", "build_char_tokenizer", "build_planted_spike_model"]
+
+BOS, EOS, UNK, PAD = "<s>", "</s>", "<unk>", "<pad>"
+DELIMITER = "\n"
+# Large enough to dominate its token's normalized MLP input (so the spike barely
+# depends on context), small enough not to be a massive activation itself.
+MARKER = 50.0
+PROBE_TEXT = "Calibrate the planted units on a sentence.\nThen on another one."
+
+
+@dataclass(frozen=True)
+class PlantedSpike:
+    """Where the spikes were planted (what analysis and calibration must find).
+
+    :param token_id: the token that becomes a spike token
+    :param marker_channel: embedding channel that marks the token
+    :param spike_channel: residual channel that carries its spike
+    :param spike: the spike's value in the residual stream
+    :param create_layer: layer whose ``down_proj`` writes the spike
+    :param remove_layer: layer whose ``down_proj`` removes it
+    """
+
+    token_id: int
+    marker_channel: int
+    spike_channel: int
+    spike: float
+    create_layer: int
+    remove_layer: int
+
+
+def build_char_tokenizer() -> PreTrainedTokenizerFast:
+    """A character-level tokenizer (printable ASCII) that prepends ``<s>``."""
+    alphabet = [PAD, BOS, EOS, UNK] + list(string.printable)
+    vocab = {token: index for index, token in enumerate(dict.fromkeys(alphabet))}
+    backend = Tokenizer(models.WordLevel(vocab=vocab, unk_token=UNK))
+    backend.pre_tokenizer = pre_tokenizers.Split("", behavior="isolated")
+    backend.post_processor = processors.TemplateProcessing(
+        single=f"{BOS} $A", special_tokens=[(BOS, vocab[BOS])]
+    )
+    return PreTrainedTokenizerFast(
+        tokenizer_object=backend,
+        bos_token=BOS,
+        eos_token=EOS,
+        unk_token=UNK,
+        pad_token=PAD,
+        padding_side="left",
+        clean_up_tokenization_spaces=False,
+    )
+
+
+def build_planted_spike_model(
+    hidden_size: int = 64,
+    num_layers: int = 6,
+    create_layer: int = 1,
+    remove_layer: int = 4,
+    bos_spike: float = 4000.0,
+    delimiter_spike: float = 1500.0,
+    seed: int = 0,
+) -> tuple[LlamaForCausalLM, PreTrainedTokenizerFast, tuple[PlantedSpike, ...]]:
+    """A random tiny Llama (fp32, eval mode) with two planted spike kinds.
+
+    :return: model, character tokenizer, and one ``PlantedSpike`` per kind
+        (BOS first, then the newline delimiter)
+    """
+    if not 0 <= create_layer < remove_layer < num_layers:
+        raise ValueError("need 0 <= create_layer < remove_layer < num_layers")
+    tokenizer = build_char_tokenizer()
+    torch.manual_seed(seed)
+    config = LlamaConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=hidden_size,
+        intermediate_size=2 * hidden_size,
+        num_hidden_layers=num_layers,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=2048,
+        initializer_range=0.1,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+        tie_word_embeddings=False,
+    )
+    model = LlamaForCausalLM(config).eval()
+    delimiter_id = tokenizer.convert_tokens_to_ids(DELIMITER)
+    spikes = (
+        PlantedSpike(
+            tokenizer.bos_token_id, 3, 17, bos_spike, create_layer, remove_layer
+        ),
+        PlantedSpike(delimiter_id, 5, 23, delimiter_spike, create_layer, remove_layer),
+    )
+    probe = tokenizer(PROBE_TEXT, return_tensors="pt").input_ids
+    with torch.no_grad():
+        reserved = [c for p in spikes for c in (p.marker_channel, p.spike_channel)]
+        _reserve_channels(model, reserved)
+        embed = model.model.embed_tokens.weight
+        for unit, planted in enumerate(spikes):
+            embed[planted.token_id, planted.marker_channel] = MARKER
+            _plant_unit(
+                model, create_layer, unit, planted.marker_channel, planted.spike_channel
+            )
+            _plant_unit(
+                model, remove_layer, unit, planted.spike_channel, planted.spike_channel
+            )
+        for unit, planted in enumerate(spikes):
+            position = (probe[0] == planted.token_id).nonzero()[0].item()
+            # down_proj is linear in its weight: scale each unit to hit its target.
+            reached = _residual(model, probe, create_layer)[position]
+            _scale_unit(
+                model,
+                create_layer,
+                unit,
+                planted.spike_channel,
+                planted.spike / reached[planted.spike_channel].item(),
+            )
+            before = _residual(model, probe, remove_layer - 1)[position]
+            after = _residual(model, probe, remove_layer)[position]
+            channel = planted.spike_channel
+            _scale_unit(
+                model,
+                remove_layer,
+                unit,
+                channel,
+                -before[channel].item() / (after - before)[channel].item(),
+            )
+    return model, tokenizer, spikes
+
+
+def _reserve_channels(model: LlamaForCausalLM, channels: list[int]) -> None:
+    """Nothing but the planted units writes to ``channels``: ordinary tokens keep
+    exact zeros there, so the planted units fire only on spike tokens."""
+    model.model.embed_tokens.weight[:, channels] = 0.0
+    for layer in model.model.layers:
+        layer.self_attn.o_proj.weight[channels] = 0.0
+        layer.mlp.down_proj.weight[channels] = 0.0
+
+
+def _plant_unit(
+    model: LlamaForCausalLM, layer: int, unit: int, read: int, write: int
+) -> None:
+    """Dedicate MLP unit ``unit`` of ``layer`` to map channel ``read`` to ``write``."""
+    mlp = model.model.layers[layer].mlp
+    for projection in (mlp.gate_proj, mlp.up_proj):
+        projection.weight[unit] = 0.0
+        projection.weight[unit, read] = 8.0
+    mlp.down_proj.weight[:, unit] = 0.0
+    mlp.down_proj.weight[write, unit] = 1.0
+
+
+def _scale_unit(
+    model: LlamaForCausalLM, layer: int, unit: int, write: int, factor: float
+) -> None:
+    model.model.layers[layer].mlp.down_proj.weight[write, unit] *= factor
+
+
+def _residual(model, input_ids: torch.Tensor, layer: int) -> torch.Tensor:
+    """Residual stream (tokens, channels) after decoder layer ``layer``."""
+    out = model(input_ids=input_ids, output_hidden_states=True, use_cache=False)
+    return out.hidden_states[layer + 1][0]
