@@ -25,6 +25,7 @@ from iq_transform.detect import spike_token_mask, token_max_abs
 __all__ = ["TopActivation", "SiteReport", "SpikeToken", "SpikeReport", "analyze_spikes"]
 
 ANY_TOKEN = "<any>"
+REMOVAL_DROP = 0.5
 RESIDUAL = "residual"
 LINEAR_INPUT = "linear_input"
 
@@ -62,8 +63,8 @@ class SpikeToken:
     """One spike token, followed through the residual stream.
 
     :param created_at_layer: first decoder layer whose output carries the spike
-    :param removed_at_layer: first layer after that whose output no longer carries
-        it (``None`` when it reaches the last layer)
+    :param removed_at_layer: first layer after that whose output at least halves
+        the token's max |x| (``None`` when none does)
     """
 
     sample: int
@@ -301,30 +302,34 @@ def _follow_spikes(sites, residual_reports, residual, text) -> list[SpikeToken]:
         for key in report.spike_tokens:
             sites_of[key].append(report.name)
     tokens = []
-    num_layers = len(residual)
     for (sample, token_index), layers in sorted(layers_of.items()):
+        trajectory = [float(r.token_max[sample][token_index]) for r in residual]
         first = min(layers)
-        # The spike's life is the contiguous run that starts where it first appears.
-        last = first
-        while last + 1 in layers:
-            last += 1
-        peak_layer = max(
-            layers, key=lambda layer: residual[layer].token_max[sample][token_index]
-        )
+        peak_layer = max(layers, key=lambda layer: trajectory[layer])
         tokens.append(
             SpikeToken(
                 sample=sample,
                 token_index=token_index,
                 token=text(sample, token_index),
                 kind=_spike_kind(token_index),
-                max_abs=float(residual[peak_layer].token_max[sample][token_index]),
+                max_abs=trajectory[peak_layer],
                 channel=int(residual[peak_layer].token_channel[sample][token_index]),
                 created_at_layer=first,
-                removed_at_layer=last + 1 if last + 1 < num_layers else None,
+                removed_at_layer=_removal_layer(trajectory, first),
                 spike_sites=sites_of[(sample, token_index)],
             )
         )
     return tokens
+
+
+def _removal_layer(trajectory: list[float], created_at: int) -> int | None:
+    """First layer after ``created_at`` whose output at least halves the token's max
+    |x|. The ratio test alone would end the spike too early in late layers, where
+    ordinary tokens grow and the median catches up."""
+    for layer in range(created_at + 1, len(trajectory)):
+        if trajectory[layer] <= REMOVAL_DROP * trajectory[layer - 1]:
+            return layer
+    return None
 
 
 def _birth_and_death_sites(

@@ -1,0 +1,63 @@
+"""``iq-analyze``: find a model's massive activations and write spikes.json/png.
+
+Example::
+
+    iq-analyze model=gemma3-270m data.num_samples=4 data.seqlen=256
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import hydra
+from hydra.core.hydra_config import HydraConfig
+from loguru import logger
+from omegaconf import OmegaConf
+
+from iq_transform.analysis import analyze_spikes
+from iq_transform.cli.config import AnalyzeConfig, register_configs
+from iq_transform.data import calibration_windows, load_documents
+from iq_transform.models import load_model
+from iq_transform.plotting import plot_spike_report
+
+register_configs()
+
+
+def run_analysis(config: AnalyzeConfig, output_dir: Path) -> dict:
+    """Load, analyze, write ``spikes.json`` and ``spikes.png``; return the report."""
+    model, tokenizer = load_model(
+        config.model.spec,
+        cache_dir=config.model.cache_dir,
+        dtype=config.model.torch_dtype(),
+    )
+    windows = calibration_windows(
+        tokenizer,
+        load_documents(config.data.source()),
+        num_samples=config.data.num_samples,
+        seqlen=config.data.seqlen,
+        seed=config.data.seed,
+    )
+    report = analyze_spikes(
+        model,
+        tokenizer,
+        windows,
+        ratio=config.ratio,
+        top_k=config.top_k,
+        model_name=config.model.spec,
+        progress=config.progress,
+    )
+    output_dir.mkdir(parents=True, exist_ok=True)
+    result = report.to_dict()
+    (output_dir / "spikes.json").write_text(json.dumps(result, indent=1))
+    plot_spike_report(report, output_dir / "spikes.png")
+    print(report.summary())
+    logger.info(f"wrote {output_dir / 'spikes.json'} and {output_dir / 'spikes.png'}")
+    return result
+
+
+@hydra.main(version_base="1.3", config_path="../conf", config_name="analyze")
+def main(config) -> None:
+    typed: AnalyzeConfig = OmegaConf.to_object(config)
+    output_dir = Path(typed.output_dir or HydraConfig.get().runtime.output_dir)
+    run_analysis(typed, output_dir)

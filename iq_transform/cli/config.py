@@ -1,0 +1,87 @@
+"""Typed Hydra configs shared by the command-line apps.
+
+The YAML files under ``conf/`` fill these dataclasses; Hydra rejects unknown keys and
+wrong types with a message that names them.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+from hydra.core.config_store import ConfigStore
+
+from iq_transform.data import TextSource
+
+__all__ = ["ModelConfig", "TextConfig", "AnalyzeConfig", "register_configs"]
+
+
+@dataclass
+class ModelConfig:
+    """:param spec: an offline model name, a local folder, or a hub id
+    :param dtype: torch dtype name the model is loaded in
+    :param cache_dir: where converted offline models are cached (default:
+        ``$IQ_TRANSFORM_CACHE`` or ``~/.cache/iq_transform``)
+    """
+
+    spec: str = "smollm2-135m"
+    dtype: str = "float32"
+    cache_dir: str | None = None
+
+    def torch_dtype(self) -> torch.dtype:
+        dtype = getattr(torch, self.dtype, None)
+        if not isinstance(dtype, torch.dtype):
+            raise ValueError(f"model.dtype={self.dtype!r} is not a torch dtype name")
+        return dtype
+
+
+@dataclass
+class TextConfig:
+    """A text source (see :class:`iq_transform.data.TextSource`) and its windows.
+
+    :param num_samples: how many windows
+    :param seqlen: tokens per window
+    :param seed: shuffles calibration documents
+    """
+
+    path: str | None = None
+    hub_dataset: str | None = None
+    hub_config: str | None = None
+    split: str = "test"
+    text_field: str = "text"
+    num_samples: int = 8
+    seqlen: int = 512
+    seed: int = 0
+
+    def source(self) -> TextSource:
+        return TextSource(
+            path=self.path,
+            hub_dataset=self.hub_dataset,
+            hub_config=self.hub_config,
+            split=self.split,
+            text_field=self.text_field,
+        )
+
+
+@dataclass
+class AnalyzeConfig:
+    """``iq-analyze``: where massive activations sit in a model.
+
+    :param ratio: spike token when its max |x| exceeds ratio x the median token max
+    :param top_k: largest activations kept per site
+    :param output_dir: where spikes.json and spikes.png go (default: the run dir)
+    """
+
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: TextConfig = field(default_factory=TextConfig)
+    ratio: float = 64.0
+    top_k: int = 3
+    output_dir: str | None = None
+    progress: bool = True
+
+
+def register_configs() -> None:
+    """Make the schemas known to Hydra (called at import of each app module, so
+    launcher workers that re-import it see them too)."""
+    store = ConfigStore.instance()
+    store.store(name="analyze_schema", node=AnalyzeConfig)

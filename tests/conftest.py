@@ -1,0 +1,28 @@
+import pytest
+import torch
+
+from iq_transform.toy import build_planted_spike_model
+
+TEXT = (
+    "The quick brown fox jumps over the lazy dog. Pack my box with five dozen "
+    "liquor jugs.\nHow vexingly quick daft zebras jump! Sphinx of black quartz, "
+    "judge my vow.\nThe five boxing wizards jump quickly. Jackdaws love my big "
+    "sphinx of quartz.\n"
+) * 4
+
+
+@pytest.fixture(scope="session")
+def planted():
+    """(model, tokenizer, planted spikes) of the tiny Llama with planted spikes."""
+    return build_planted_spike_model()
+
+
+@pytest.fixture(scope="session")
+def planted_windows(planted):
+    """Two windows of 96 tokens from different offsets, each starting with BOS."""
+    _, tokenizer, _ = planted
+    rows = []
+    for offset in (0, 37):
+        ids = tokenizer(TEXT[offset:], return_tensors="pt").input_ids[0, :96]
+        rows.append(ids)
+    return torch.stack(rows)
