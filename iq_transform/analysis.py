@@ -45,6 +45,8 @@ class SiteReport:
 
     :param median_abs: median |x| over all elements, median over samples
     :param token_max_median: median over tokens of the per-token max |x|
+    :param peak_token_ratio: the largest per-sample ratio of a token's max |x| to
+        the median token max (a spike token exceeds ``ratio``)
     :param spike_tokens: ``(sample, token_index)`` pairs that are spike tokens here
     """
 
@@ -55,6 +57,7 @@ class SiteReport:
     median_abs: float
     top1_over_median: float
     token_max_median: float
+    peak_token_ratio: float
     spike_tokens: list[tuple[int, int]] = field(default_factory=list)
 
 
@@ -108,10 +111,15 @@ class SpikeReport:
 
     def summary(self) -> str:
         """A few lines a person reads first."""
+        closest = sorted(self.sites, key=lambda s: -s.peak_token_ratio)[:3]
+        closest_line = "  highest token ratios: " + ", ".join(
+            f"{s.name} {s.peak_token_ratio:,.0f}x" for s in closest
+        )
         if not self.has_spikes:
             return (
                 f"{self.model}: no spike tokens at ratio {self.ratio:g} in "
-                f"{self.num_samples}x{self.seqlen} tokens (no massive activations)."
+                f"{self.num_samples}x{self.seqlen} tokens (no massive activations).\n"
+                + closest_line
             )
         residual = [s for s in self.sites if s.kind == RESIDUAL]
         peak = max(residual, key=lambda s: s.top[0].value)
@@ -123,6 +131,7 @@ class SpikeReport:
             f"({peak.top[0].token!r}), {peak.top1_over_median:,.0f}x the median",
             f"  created at: {', '.join(self.creating_sites) or '-'}",
             f"  removed at: {', '.join(self.removing_sites) or '-'}",
+            closest_line,
         ]
         for vector in self.constant_vectors:
             lines.append(
@@ -287,6 +296,9 @@ def _site_report(recorder: _SiteRecorder, ratio: float, text) -> SiteReport:
         median_abs=median_abs,
         top1_over_median=top[0].value / max(median_abs, 1e-12),
         token_max_median=float(torch.cat(recorder.token_max).median()),
+        peak_token_ratio=max(
+            float(t.max() / t.median().clamp_min(1e-12)) for t in recorder.token_max
+        ),
         spike_tokens=spikes,
     )
 

@@ -15,7 +15,7 @@ import string
 from dataclasses import dataclass
 
 import torch
-from tokenizers import Tokenizer, models, pre_tokenizers, processors
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors
 from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
 __all__ = ["PlantedSpike", "build_char_tokenizer", "build_planted_spike_model"]
@@ -54,6 +54,7 @@ def build_char_tokenizer() -> PreTrainedTokenizerFast:
     vocab = {token: index for index, token in enumerate(dict.fromkeys(alphabet))}
     backend = Tokenizer(models.WordLevel(vocab=vocab, unk_token=UNK))
     backend.pre_tokenizer = pre_tokenizers.Split("", behavior="isolated")
+    backend.decoder = decoders.Fuse()
     backend.post_processor = processors.TemplateProcessing(
         single=f"{BOS} $A", special_tokens=[(BOS, vocab[BOS])]
     )
