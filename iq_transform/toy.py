@@ -24,7 +24,7 @@ BOS, EOS, UNK, PAD = "<s>", "</s>", "<unk>", "<pad>"
 DELIMITER = "\n"
 # Large enough to dominate its token's normalized MLP input (so the spike barely
 # depends on context), small enough not to be a massive activation itself.
-MARKER = 50.0
+MARKER = 12.0
 PROBE_TEXT = "Calibrate the planted units on a sentence.\nThen on another one."
 
 

@@ -1,0 +1,215 @@
+"""``SpikeFreeModifier``: spike-free activations inside llm-compressor recipes."""
+
+from __future__ import annotations
+
+from llmcompressor.core import Event, State, active_session
+from llmcompressor.modifiers import Modifier, ModifierFactory
+from loguru import logger
+from pydantic import PrivateAttr, field_validator
+from torch import nn
+
+from iq_transform.arch import get_arch_spec
+from iq_transform.runtime import SpikeFreeRuntime, get_runtime
+from iq_transform.templates import SpikeTemplates
+
+__all__ = ["SpikeFreeModifier", "SpikeFreeOrderError"]
+
+# Stages that quantize or rewrite the activations' basis: SpikeFree must come first.
+_DOWNSTREAM_STAGES = (
+    "QuantizationModifier",
+    "GPTQModifier",
+    "AWQModifier",
+    "SmoothQuantModifier",
+    "QuIPModifier",
+    "SpinQuantModifier",
+)
+
+
+class SpikeFreeOrderError(ValueError):
+    """SpikeFreeModifier was placed after a stage it must precede."""
+
+
+class SpikeFreeModifier(Modifier):
+    """
+    Makes activations spike-free so that later stages can use static per-tensor
+    activation scales (INSERTQUANT, Chen et al., arXiv 2606.02288).
+
+    Massive activations sit on a few tokens (the first one, some delimiters) and act
+    as fixed biases. This modifier calibrates, per decoder layer, where they are
+    carried and where an MLP ``down_proj`` creates or removes them, and installs a
+    runtime that, on every forward (calibration passes of later modifiers included):
+    detects the spike tokens (ratio to the median token max, or a calibrated absolute
+    threshold for one-token decode steps), writes pre-computed templates into the
+    norm outputs they would have produced, zeroes their rows at creating/removing
+    ``down_proj`` inputs and writes the ``down_proj`` output template instead. No
+    quantized linear sees a spike, and the residual stream keeps its function.
+    Pair it with the ``spikefree_*`` observers so static scales ignore spike rows.
+
+    Place it **first** in a recipe, ahead of SmoothQuant, rotations and quantizers.
+
+    example yaml::
+
+        spikefree_stage:
+          spikefree_modifiers:
+            SpikeFreeModifier:
+              ratio: 64.0
+        quant_stage:
+          quant_modifiers:
+            QuantizationModifier:
+              ignore: ["lm_head"]
+              config_groups:
+                group_0:
+                  targets: ["Linear"]
+                  weights: {num_bits: 8, type: int, strategy: channel,
+                            symmetric: true, dynamic: false}
+                  input_activations: {num_bits: 8, type: int, strategy: tensor,
+                                      symmetric: true, dynamic: false,
+                                      observer: spikefree_minmax}
+
+    :param ratio: a token is a spike token when its max |x| exceeds ``ratio`` x the
+        median token max of its sequence (64 in PrefixQuant and INSERTQUANT)
+    :param min_fraction: a layer is treated as carrying spikes (or its
+        ``down_proj`` as creating/removing them) when at least this fraction of
+        calibration sequences showed spike tokens there
+    :param down_proj_layers: decoder layers whose ``down_proj`` gets output
+        templates; ``None`` finds them from calibration data
+    :param norm_templates: insert norm-output templates at layers that carry spikes
+        (INSERTQUANT); with ``False`` only the ``down_proj`` sites are handled
+    """
+
+    ratio: float = 64.0
+    min_fraction: float = 0.25
+    down_proj_layers: list[int] | None = None
+    norm_templates: bool = True
+    requires_calibration_data: bool = True
+
+    _templates: SpikeTemplates | None = PrivateAttr(default=None)
+    _runtime: SpikeFreeRuntime | None = PrivateAttr(default=None)
+
+    @property
+    def templates(self) -> SpikeTemplates | None:
+        """The calibrated templates and thresholds (after calibration)."""
+        return self._templates
+
+    @field_validator("ratio")
+    @classmethod
+    def _ratio_above_one(cls, value: float) -> float:
+        if value <= 1.0:
+            raise ValueError(f"ratio must be > 1, got {value}")
+        return value
+
+    @field_validator("min_fraction")
+    @classmethod
+    def _fraction_in_unit_interval(cls, value: float) -> float:
+        if not 0.0 < value <= 1.0:
+            raise ValueError(f"min_fraction must be in (0, 1], got {value}")
+        return value
+
+    # -- lifecycle --------------------------------------------------------------
+    def on_initialize(self, state: State, **kwargs) -> bool:
+        self._check_recipe_order()
+        model = state.model
+        _check_not_quantized(model)
+        calib = getattr(state.data, "calib", None)
+        if calib is None or len(calib) == 0:
+            raise ValueError(
+                "SpikeFreeModifier needs calibration data to find spike tokens and "
+                "compute templates: pass dataset=... (and num_calibration_samples "
+                "> 0) to oneshot."
+            )
+        arch = get_arch_spec(model)
+        runtime = get_runtime(model)
+        if runtime is not None:
+            logger.info("SpikeFree: replacing the runtime already in the model")
+            runtime.remove()
+        self._runtime = SpikeFreeRuntime(model, arch, ratio=self.ratio)
+        self._runtime.start_collecting()
+        logger.info(
+            f"SpikeFree: calibrating spike sites and templates ({arch.name}, "
+            f"ratio {self.ratio:g})"
+        )
+        return True
+
+    def on_sequential_epoch_end(
+        self, state: State, event: Event, modules: list[nn.Module] | None = None, **kw
+    ) -> None:
+        # Finish the layers this epoch covered, so the propagation pass and every
+        # later layer's calibration already see spike-free inputs.
+        layers = self._runtime.layers_in(modules or [])
+        self._finish(layers)
+
+    def on_calibration_end(self, state: State, event: Event, **kwargs) -> None:
+        self._finish(None)
+        runtime = self._runtime
+        templates = runtime.templates
+        self._templates = templates
+        if not templates.has_spikes:
+            logger.warning(
+                f"SpikeFree: no spike tokens at ratio {self.ratio:g} in the "
+                "calibration data; the model passes through unchanged."
+            )
+            runtime.remove()
+            self._runtime = None
+            return
+        logger.info(
+            f"SpikeFree: spikes carried in layers {templates.carrier_layers}; "
+            f"down_proj templates at layers {templates.down_proj_layers}"
+        )
+
+    def on_finalize(self, state: State, **kwargs) -> bool:
+        # The runtime stays installed: evaluation and generation need it.
+        return True
+
+    # -- helpers ----------------------------------------------------------------
+    def _finish(self, layers) -> None:
+        calibrating = [
+            layer
+            for layer in (layers if layers is not None else self._runtime.layers)
+            if layer.collecting
+        ]
+        if not calibrating:
+            return
+        for layer in calibrating:
+            if layer.statistics.sequences == 0:
+                raise ValueError(
+                    f"SpikeFree: decoder layer {layer.index} saw no calibration "
+                    "tokens; the calibration set is empty or too short."
+                )
+        self._runtime.finish_collecting(
+            calibrating, self.min_fraction, self.down_proj_layers
+        )
+        if not self.norm_templates:
+            for layer in calibrating:
+                layer.templates.norm_templates = {}
+
+    def _check_recipe_order(self) -> None:
+        modifiers = list(active_session().lifecycle.recipe.modifiers)
+        if self not in modifiers:
+            return
+        before = modifiers[: modifiers.index(self)]
+        offenders = [type(m).__name__ for m in before]
+        offenders = [name for name in offenders if name in _DOWNSTREAM_STAGES]
+        if offenders:
+            raise SpikeFreeOrderError(
+                f"SpikeFreeModifier is placed after {', '.join(offenders)}. It must "
+                "come first: later stages calibrate scales, smoothing factors and "
+                "rotations on the activations it makes spike-free. Move it to the "
+                "top of the recipe."
+            )
+
+
+def _check_not_quantized(model: nn.Module) -> None:
+    quantized = [
+        name
+        for name, module in model.named_modules()
+        if getattr(module, "quantization_scheme", None) is not None
+    ]
+    if quantized:
+        raise SpikeFreeOrderError(
+            f"The model is already prepared for quantization ({quantized[0]} has a "
+            "quantization scheme): SpikeFreeModifier must run before any "
+            "quantization stage. Apply it to the unquantized model."
+        )
+
+
+ModifierFactory.register("SpikeFreeModifier", SpikeFreeModifier)

@@ -1,0 +1,59 @@
+"""Spike-free static calibration: observers that drop the current spike rows.
+
+Registered with llm-compressor, so unchanged ``QuantizationModifier`` /
+``GPTQModifier`` recipes use them by name::
+
+    input_activations: {num_bits: 8, type: int, strategy: tensor, dynamic: false,
+                        symmetric: true, observer: spikefree_minmax}
+
+Each observer removes the rows the installed SpikeFree runtime flagged in the
+forward in flight (:func:`iq_transform.runtime.current_spike_rows`) before its
+parent computes statistics; without a runtime they behave exactly like their parent.
+"""
+
+from __future__ import annotations
+
+import torch
+from llmcompressor.observers import Observer
+from llmcompressor.observers.min_max import MinMaxObserver, StaticMinMaxObserver
+from llmcompressor.observers.mse import MovingAverageMSEObserver
+
+from iq_transform.runtime import current_spike_rows
+
+__all__ = [
+    "SpikeFreeMinMaxObserver",
+    "SpikeFreeStaticMinMaxObserver",
+    "SpikeFreeMSEObserver",
+    "drop_spike_rows",
+]
+
+
+def drop_spike_rows(observed: torch.Tensor) -> torch.Tensor:
+    """``observed`` (batch, tokens, hidden) without the current spike rows, as
+    (rows, hidden); unchanged when no rows are flagged or shapes do not match."""
+    rows = current_spike_rows()
+    if rows is None or observed.dim() < 3 or rows.shape != observed.shape[:-1]:
+        return observed
+    if not bool(rows.any()):
+        return observed
+    return observed[~rows.to(observed.device)]
+
+
+class _DropsSpikeRows:
+    def forward(self, observed: torch.Tensor):
+        return super().forward(drop_spike_rows(observed))
+
+
+@Observer.register("spikefree_minmax")
+class SpikeFreeMinMaxObserver(_DropsSpikeRows, MinMaxObserver):
+    """``minmax`` (moving average) over non-spike rows."""
+
+
+@Observer.register("spikefree_static_minmax")
+class SpikeFreeStaticMinMaxObserver(_DropsSpikeRows, StaticMinMaxObserver):
+    """``static_minmax`` (running global min/max) over non-spike rows."""
+
+
+@Observer.register("spikefree_mse")
+class SpikeFreeMSEObserver(_DropsSpikeRows, MovingAverageMSEObserver):
+    """``mse`` (MSE-optimal clipping, moving average) over non-spike rows."""

@@ -1,0 +1,443 @@
+"""The spike-free forward, installed into a model.
+
+Per decoder layer and per forward (nothing is looked up by batch, so it holds under
+llm-compressor's layer-major sequential pipeline, shuffled data and padding):
+
+1. the layer's residual input names its *carriers*: tokens whose max |x| exceeds
+   ``ratio`` x the median token max of their sequence, or the layer's calibrated
+   absolute threshold (the only test for a decode step with a KV cache);
+2. each norm that feeds quantized linears gets the carriers' rows overwritten with
+   their kind's template (stored before the norm weight, scaled by the weight the
+   norm has *now*);
+3. at layers that create or remove spikes, the MLP also detects at its ``down_proj``
+   input; those rows are zeroed before ``down_proj`` (no quantized linear sees the
+   spike) and ``down_proj``'s output rows become the output template, so the
+   residual stream receives exactly what the spike would have written.
+
+Plain torch hooks and an instance-level ``mlp.forward`` are used, not
+``HooksMixin`` hooks, because they must act in llm-compressor's propagation pass
+too. Observers learn which rows to drop from :func:`current_spike_rows`.
+"""
+
+from __future__ import annotations
+
+import types
+from dataclasses import dataclass
+
+import torch
+from loguru import logger
+from torch import nn
+
+from iq_transform.arch import ArchSpec
+from iq_transform.detect import spike_token_mask
+from iq_transform.templates import (
+    FIRST_TOKEN,
+    MID_SEQUENCE,
+    LayerStatistics,
+    LayerTemplates,
+    SpikeTemplates,
+)
+
+__all__ = [
+    "insert_templates",
+    "current_spike_rows",
+    "SpikeFreeRuntime",
+    "get_runtime",
+]
+
+_RUNTIME_ATTRIBUTE = "_spikefree_runtime"
+# (batch, tokens) rows of the decoder layer whose forward is in flight; decoder
+# layers never run nested, so one slot is enough.
+_ACTIVE_ROWS: torch.Tensor | None = None
+
+
+def current_spike_rows() -> torch.Tensor | None:
+    """Spike rows (batch, tokens) of the forward in flight, for observers."""
+    return _ACTIVE_ROWS
+
+
+def _set_active_rows(rows: torch.Tensor | None) -> None:
+    global _ACTIVE_ROWS
+    _ACTIVE_ROWS = rows
+
+
+def insert_templates(
+    output: torch.Tensor,
+    rows: torch.Tensor,
+    kinds: torch.Tensor,
+    templates: torch.Tensor,
+    scale: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Overwrite the spike rows of ``output`` with their kind's template.
+
+    This is the one place templates enter activations; a fused kernel (norm +
+    insertion + static quantization) replaces exactly this function.
+
+    :param output: activations (batch, tokens, hidden)
+    :param rows: bool (batch, tokens), the rows to overwrite
+    :param kinds: long (batch, tokens), each row's spike kind
+    :param templates: (kinds, hidden)
+    :param scale: optional (hidden,) factor, e.g. the norm's current weight
+    """
+    if not bool(rows.any()):
+        return output
+    values = templates.to(output.device)[kinds[rows]]
+    if scale is not None:
+        values = values * scale
+    output = output.clone()
+    output[rows] = values.to(output.dtype)
+    return output
+
+
+def _hooks_disabled() -> bool:
+    """True in llm-compressor's propagation pass (statistics must not count twice)."""
+    try:
+        from llmcompressor.modifiers.utils.hooks import HooksMixin
+    except ImportError:  # pragma: no cover - llmcompressor is a dependency
+        return False
+    return HooksMixin._HOOKS_DISABLED
+
+
+def _norm_epsilon(norm: nn.Module) -> float:
+    return float(getattr(norm, "variance_epsilon", getattr(norm, "eps", 1e-6)))
+
+
+def _effective_norm_weight(norm: nn.Module, arch: ArchSpec) -> torch.Tensor:
+    """The factor the norm multiplies ``x / rms(x)`` by, as the module is *now*:
+    llm-compressor swaps Gemma's ``(1 + w)`` norms for plain ``w`` ones in oneshot."""
+    try:
+        from llmcompressor.modeling.offset_norm import CalibrationOffsetNorm
+    except ImportError:  # pragma: no cover
+        CalibrationOffsetNorm = ()  # noqa: N806
+    offset = 0.0 if isinstance(norm, CalibrationOffsetNorm) else arch.norm_weight_offset
+    return norm.weight.float() + offset
+
+
+def _normalized(x: torch.Tensor, eps: float) -> torch.Tensor:
+    x = x.float()
+    return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps)
+
+
+@dataclass
+class _Forward:
+    """What one layer knows about the forward in flight."""
+
+    valid: torch.Tensor
+    kinds: torch.Tensor
+    carriers: torch.Tensor
+
+
+class LayerRuntime:
+    """The spike-free forward of one decoder layer: collects statistics while
+    ``statistics`` is set, applies ``templates`` once they exist."""
+
+    def __init__(self, runtime: SpikeFreeRuntime, index: int, layer: nn.Module):
+        self.runtime, self.index, self.layer = runtime, index, layer
+        self.arch = runtime.arch
+        self.mlp = layer.get_submodule(self.arch.down_proj.rsplit(".", 1)[0])
+        self.templates: LayerTemplates | None = None
+        self.statistics: LayerStatistics | None = None
+        self.current: _Forward | None = None
+        self._norm_handles: dict[int, torch.utils.hooks.RemovableHandle] = {}
+        self._handles = [
+            layer.register_forward_pre_hook(self._before_layer, with_kwargs=True),
+            layer.register_forward_hook(self._after_layer),
+        ]
+        self._patch_mlp()
+
+    # -- state -----------------------------------------------------------------
+    @property
+    def collecting(self) -> bool:
+        return self.statistics is not None
+
+    @property
+    def active(self) -> bool:
+        return self.collecting or (
+            self.templates is not None and self.templates.carries_spikes
+        )
+
+    def start_collecting(self, hidden_size: int) -> None:
+        self.statistics = LayerStatistics(hidden_size, self.arch.norm_names())
+        self.templates = None
+
+    def finish_collecting(self, min_fraction: float, force_down: bool | None) -> None:
+        if self.statistics is None:
+            return
+        self.templates = self.statistics.finalize(min_fraction, force_down)
+        self.statistics = None
+
+    def remove(self) -> None:
+        for handle in [*self._handles, *self._norm_handles.values()]:
+            handle.remove()
+        self._norm_handles.clear()
+        if "forward" in self.mlp.__dict__:
+            del self.mlp.forward
+
+    # -- hooks -----------------------------------------------------------------
+    def _before_layer(self, module, args, kwargs):
+        hidden = args[0] if args else kwargs.get("hidden_states")
+        if not self.active or not isinstance(hidden, torch.Tensor) or hidden.is_meta:
+            self.current = None
+            return
+        if self.collecting and not torch.isfinite(hidden).all():
+            raise FloatingPointError(
+                f"NaN/inf activations entering decoder layer {self.index} during "
+                "SpikeFree calibration: fix the model or its dtype (e.g. fp16 "
+                "overflow) before calibrating."
+            )
+        batch, tokens = hidden.shape[:2]
+        valid = self.runtime.valid_tokens(batch, tokens, hidden.device)
+        past = _past_length(kwargs.get("past_key_values"), self.layer)
+        kinds = _token_kinds(valid, past)
+        token_max = hidden.detach().abs().amax(dim=-1).float()
+        threshold = None if self.collecting else self.templates.residual_threshold
+        carriers = spike_token_mask(token_max, self.runtime.ratio, valid, threshold)
+        if self.collecting and not _hooks_disabled():
+            self._record_residual(token_max, carriers, valid)
+        elif not self.collecting and not self.templates.norm_templates:
+            carriers = torch.zeros_like(carriers)
+        self.current = _Forward(valid=valid, kinds=kinds, carriers=carriers)
+        self.runtime.note_spikes(carriers)
+        _set_active_rows(carriers)
+        self._hook_norms()
+
+    def _after_layer(self, module, args, output):
+        self.current = None
+        _set_active_rows(None)
+
+    def _hook_norms(self) -> None:
+        """Hook the norms as they are *now* (oneshot swaps Gemma's temporarily)."""
+        for name in self.arch.norm_names():
+            norm = self.layer.get_submodule(name)
+            if id(norm) not in self._norm_handles:
+                hook = self._norm_hook(name, norm)
+                self._norm_handles[id(norm)] = norm.register_forward_hook(hook)
+
+    def _norm_hook(self, name: str, norm: nn.Module):
+        def after_norm(module, args, output):
+            state = self.current
+            if state is None or not bool(state.carriers.any()):
+                return None
+            if self.collecting:
+                if not _hooks_disabled():
+                    normalized = _normalized(args[0], _norm_epsilon(module))
+                    self.statistics.add_rows(
+                        self.statistics.norm_sums[name],
+                        self.statistics.norm_counts[name],
+                        normalized[state.carriers],
+                        state.kinds[state.carriers],
+                    )
+                return None
+            template = self.templates.norm_templates.get(name)
+            if template is None:
+                return None
+            return insert_templates(
+                output,
+                state.carriers,
+                state.kinds,
+                template,
+                scale=_effective_norm_weight(module, self.arch).to(output.device),
+            )
+
+        return after_norm
+
+    def _patch_mlp(self) -> None:
+        runtime_layer = self
+        mlp = self.mlp
+
+        def spikefree_mlp_forward(module, x):
+            hidden = module.act_fn(module.gate_proj(x)) * module.up_proj(x)
+            return runtime_layer._down_proj(module, hidden)
+
+        mlp.forward = types.MethodType(spikefree_mlp_forward, mlp)
+
+    def _down_proj(self, mlp: nn.Module, hidden: torch.Tensor) -> torch.Tensor:
+        state = self.current
+        down_proj = mlp.get_submodule(self.arch.down_proj.rsplit(".", 1)[1])
+        if state is None or hidden.is_meta:
+            return down_proj(hidden)
+        down_site = self.collecting or self.templates.down_template is not None
+        if not down_site:
+            return down_proj(hidden)
+        token_max = hidden.detach().abs().amax(dim=-1).float()
+        threshold = None if self.collecting else self.templates.down_threshold
+        detected = spike_token_mask(
+            token_max, self.runtime.ratio, state.valid, threshold
+        )
+        rows = detected | state.carriers
+        self.runtime.note_spikes(rows)
+        if self.collecting:
+            output = down_proj(hidden)
+            if not _hooks_disabled():
+                self._record_down(token_max, detected, state, output, rows)
+            return output
+        _set_active_rows(rows)
+        try:
+            output = down_proj(hidden.masked_fill(rows.unsqueeze(-1), 0.0))
+        finally:
+            _set_active_rows(state.carriers)
+        return insert_templates(output, rows, state.kinds, self.templates.down_template)
+
+    # -- calibration statistics -------------------------------------------------
+    def _record_residual(self, token_max, carriers, valid) -> None:
+        stats = self.statistics
+        ordinary = token_max[valid & ~carriers]
+        if ordinary.numel():
+            stats.residual_max_ordinary = max(
+                stats.residual_max_ordinary, ordinary.max().item()
+            )
+        if carriers.any():
+            stats.residual_min_spike = min(
+                stats.residual_min_spike, token_max[carriers].min().item()
+            )
+        stats.sequences += valid.shape[0]
+        stats.sequences_with_carriers += int(carriers.any(dim=-1).sum())
+
+    def _record_down(self, token_max, detected, state, output, rows) -> None:
+        stats = self.statistics
+        ordinary = token_max[state.valid & ~rows]
+        if ordinary.numel():
+            stats.down_max_ordinary = max(
+                stats.down_max_ordinary, ordinary.max().item()
+            )
+        if detected.any():
+            stats.down_min_spike = min(
+                stats.down_min_spike, token_max[detected].min().item()
+            )
+        stats.sequences_with_down_spikes += int(detected.any(dim=-1).sum())
+        if rows.any():
+            stats.add_rows(
+                stats.down_sums, stats.down_counts, output[rows], state.kinds[rows]
+            )
+
+
+def _past_length(past_key_values, layer: nn.Module) -> int:
+    """Tokens already in the KV cache for this layer (0 without a cache)."""
+    if past_key_values is None or not hasattr(past_key_values, "get_seq_length"):
+        return 0
+    layer_idx = getattr(getattr(layer, "self_attn", None), "layer_idx", 0)
+    return int(past_key_values.get_seq_length(layer_idx))
+
+
+def _token_kinds(valid: torch.Tensor, past: int) -> torch.Tensor:
+    """FIRST_TOKEN for each sequence's first valid token of a fresh sequence,
+    MID_SEQUENCE for every other token (decode steps included)."""
+    kinds = torch.full(valid.shape, MID_SEQUENCE, dtype=torch.long, device=valid.device)
+    if past == 0:
+        first = valid.int().argmax(dim=-1)
+        has_tokens = valid.any(dim=-1)
+        batch = torch.arange(valid.shape[0], device=valid.device)[has_tokens]
+        kinds[batch, first[has_tokens]] = FIRST_TOKEN
+    return kinds
+
+
+class SpikeFreeRuntime:
+    """Installs the spike-free forward into every decoder layer of ``model``.
+
+    :param model: a causal LM whose architecture :mod:`iq_transform.arch` knows
+    :param arch: its :class:`ArchSpec`
+    :param ratio: spike-token ratio to the median token max
+    """
+
+    def __init__(self, model: nn.Module, arch: ArchSpec, ratio: float = 64.0):
+        if hasattr(model, _RUNTIME_ATTRIBUTE):
+            raise RuntimeError(
+                "A SpikeFree runtime is already installed in this model; call "
+                "get_runtime(model).remove() first."
+            )
+        self.model, self.arch, self.ratio = model, arch, ratio
+        self.attention_mask: torch.Tensor | None = None
+        self.spike_tokens_seen = 0
+        self._forward_rows: torch.Tensor | None = None
+        self.layers = [
+            LayerRuntime(self, index, layer)
+            for index, layer in enumerate(arch.decoder_layers(model))
+        ]
+        self._handles = [
+            model.register_forward_pre_hook(self._before_model, with_kwargs=True),
+            model.register_forward_hook(self._after_model),
+        ]
+        setattr(model, _RUNTIME_ATTRIBUTE, self)
+
+    # -- model-level bookkeeping ----------------------------------------------
+    def _before_model(self, module, args, kwargs):
+        mask = kwargs.get("attention_mask")
+        # fx tracing passes proxies here: keep only real 2-D padding masks.
+        is_mask = type(mask) is torch.Tensor and mask.dim() == 2 and not mask.is_meta
+        self.attention_mask = mask if is_mask else None
+        self._forward_rows = None
+
+    def _after_model(self, module, args, output):
+        if self._forward_rows is not None:
+            self.spike_tokens_seen += int(self._forward_rows.sum())
+        self.attention_mask, self._forward_rows = None, None
+
+    def note_spikes(self, rows: torch.Tensor) -> None:
+        """Remember which tokens were handled in this model forward (counted once)."""
+        if self._forward_rows is None or self._forward_rows.shape != rows.shape:
+            self._forward_rows = rows.clone()
+        else:
+            self._forward_rows |= rows
+
+    def valid_tokens(self, batch: int, tokens: int, device) -> torch.Tensor:
+        """(batch, tokens) real-token mask of the current call (all True without a
+        padding mask, e.g. in llm-compressor's sequential calibration)."""
+        mask = self.attention_mask
+        if mask is not None and mask.shape[0] == batch and mask.shape[1] >= tokens:
+            return mask[:, -tokens:].to(device=device, dtype=torch.bool)
+        return torch.ones(batch, tokens, dtype=torch.bool, device=device)
+
+    # -- calibration ------------------------------------------------------------
+    def start_collecting(self) -> None:
+        hidden_size = self.model.config.get_text_config().hidden_size
+        for layer in self.layers:
+            layer.start_collecting(hidden_size)
+
+    def finish_collecting(
+        self,
+        layers: list[LayerRuntime] | None = None,
+        min_fraction: float = 0.25,
+        down_proj_layers: list[int] | None = None,
+    ) -> None:
+        """Turn the statistics of ``layers`` (default: all) into templates."""
+        for layer in layers if layers is not None else self.layers:
+            force = (
+                None if down_proj_layers is None else layer.index in down_proj_layers
+            )
+            layer.finish_collecting(min_fraction, force)
+
+    def layers_in(self, modules: list[nn.Module]) -> list[LayerRuntime]:
+        ids = {id(module) for module in modules}
+        return [layer for layer in self.layers if id(layer.layer) in ids]
+
+    @property
+    def templates(self) -> SpikeTemplates:
+        return SpikeTemplates(
+            {
+                layer.index: layer.templates
+                for layer in self.layers
+                if layer.templates is not None
+            }
+        )
+
+    def load_templates(self, templates: SpikeTemplates) -> None:
+        """Install precomputed templates (e.g. from a checkpoint)."""
+        for layer in self.layers:
+            layer.statistics = None
+            layer.templates = templates.layers.get(layer.index)
+
+    def remove(self) -> None:
+        """Restore the model's own forward; templates are dropped with the runtime."""
+        for layer in self.layers:
+            layer.remove()
+        for handle in self._handles:
+            handle.remove()
+        if getattr(self.model, _RUNTIME_ATTRIBUTE, None) is self:
+            delattr(self.model, _RUNTIME_ATTRIBUTE)
+        _set_active_rows(None)
+        logger.debug("SpikeFree runtime removed")
+
+
+def get_runtime(model: nn.Module) -> SpikeFreeRuntime | None:
+    """The runtime installed in ``model``, if any."""
+    return getattr(model, _RUNTIME_ATTRIBUTE, None)

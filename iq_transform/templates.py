@@ -1,0 +1,203 @@
+"""What replaces spike tokens: per-layer templates and detection thresholds.
+
+Everything here is a tensor, so it can live in a state dict and a checkpoint:
+
+- **norm templates**: the mean normalized hidden vector ``x / rms(x)`` of spike
+  tokens at each norm that feeds quantized linears, stored *before* the norm weight,
+  so that SmoothQuant's ``norm.weight /= s`` or a norm fusion is followed for free
+  (the output is ``template * current_weight`` at use time);
+- **down_proj output templates**: the mean MLP output of spike tokens at the layers
+  that create or remove spikes (what the residual stream must receive);
+- **thresholds**: absolute max |x| above which a token is a spike token, for
+  sequences too short for a median (decode with a KV cache).
+
+Spike kinds are kept apart (one template each): index 0 for the first token of a
+sequence, 1 for mid-sequence spike tokens (delimiters).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+import torch
+
+__all__ = [
+    "KINDS",
+    "FIRST_TOKEN",
+    "MID_SEQUENCE",
+    "LayerTemplates",
+    "LayerStatistics",
+    "SpikeTemplates",
+]
+
+KINDS = ("first_token", "mid_sequence")
+FIRST_TOKEN, MID_SEQUENCE = 0, 1
+
+
+@dataclass
+class LayerTemplates:
+    """The tensors one decoder layer needs at run time.
+
+    :param residual_threshold: absolute token max |x| of the layer input above which
+        a token is a spike carrier (``inf``: ratio test only)
+    :param down_threshold: the same for the ``down_proj`` input
+    :param norm_templates: per norm name, (kinds, hidden) pre-weight templates
+    :param down_template: (kinds, hidden) ``down_proj`` output template, or ``None``
+        when this layer neither creates nor removes spikes
+    :param template_counts: (kinds,) how many spike tokens each kind was averaged
+        over at this layer (0: that kind falls back to the other kind)
+    """
+
+    residual_threshold: torch.Tensor
+    down_threshold: torch.Tensor
+    norm_templates: dict[str, torch.Tensor] = field(default_factory=dict)
+    down_template: torch.Tensor | None = None
+    template_counts: torch.Tensor | None = None
+
+    @property
+    def carries_spikes(self) -> bool:
+        return bool(self.norm_templates) or self.down_template is not None
+
+
+def _fill_missing_kinds(sums: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
+    """Means per kind; a kind never seen takes the mean of the kinds that were."""
+    means = sums / counts.clamp_min(1).unsqueeze(-1)
+    seen = counts > 0
+    if seen.any() and not seen.all():
+        fallback = sums[seen].sum(0) / counts[seen].sum()
+        means[~seen] = fallback
+    return means
+
+
+def _threshold(max_ordinary: float, min_spike: float) -> float:
+    """Geometric middle of the gap between ordinary and spike token maxima; ``inf``
+    when they overlap (no absolute threshold separates them)."""
+    if math.isinf(min_spike) or min_spike <= max_ordinary:
+        return math.inf
+    return math.sqrt(max(max_ordinary, 1e-12) * min_spike)
+
+
+class LayerStatistics:
+    """Running sums for one decoder layer during calibration (all float64)."""
+
+    def __init__(self, hidden_size: int, norm_names: tuple[str, ...]):
+        zeros = lambda: torch.zeros(len(KINDS), hidden_size, dtype=torch.float64)  # noqa: E731
+        self.norm_sums = {name: zeros() for name in norm_names}
+        self.norm_counts = {
+            name: torch.zeros(len(KINDS), dtype=torch.float64) for name in norm_names
+        }
+        self.down_sums = zeros()
+        self.down_counts = torch.zeros(len(KINDS), dtype=torch.float64)
+        self.residual_max_ordinary = 0.0
+        self.residual_min_spike = math.inf
+        self.down_max_ordinary = 0.0
+        self.down_min_spike = math.inf
+        self.sequences = 0
+        self.sequences_with_carriers = 0
+        self.sequences_with_down_spikes = 0
+
+    def add_rows(
+        self, sums: torch.Tensor, counts: torch.Tensor, rows: torch.Tensor, kinds
+    ) -> None:
+        """Add ``rows`` (N, hidden) to ``sums`` under their ``kinds`` (N,)."""
+        rows = rows.detach().to(torch.float64).cpu()
+        kinds = kinds.cpu()
+        sums.index_add_(0, kinds, rows)
+        counts.index_add_(0, kinds, torch.ones_like(kinds, dtype=torch.float64))
+
+    def as_tensors(self) -> dict[str, torch.Tensor]:
+        """Everything, as tensors (what distributed calibration all-reduces)."""
+        scalars = torch.tensor(
+            [
+                self.residual_max_ordinary,
+                self.residual_min_spike,
+                self.down_max_ordinary,
+                self.down_min_spike,
+                self.sequences,
+                self.sequences_with_carriers,
+                self.sequences_with_down_spikes,
+            ],
+            dtype=torch.float64,
+        )
+        tensors = {f"norm_sums.{k}": v for k, v in self.norm_sums.items()}
+        tensors.update({f"norm_counts.{k}": v for k, v in self.norm_counts.items()})
+        tensors.update(
+            down_sums=self.down_sums,
+            down_counts=self.down_counts,
+            scalars=scalars,
+        )
+        return tensors
+
+    def finalize(
+        self, min_fraction: float, force_down: bool | None = None
+    ) -> LayerTemplates:
+        """Templates for this layer.
+
+        :param min_fraction: a layer carries spikes (norm templates) when at least
+            this fraction of calibration sequences had spike carriers in its input;
+            likewise its ``down_proj`` gets an output template
+        :param force_down: override the ``down_proj`` site decision
+        """
+        sequences = max(self.sequences, 1)
+        carries = self.sequences_with_carriers / sequences >= min_fraction
+        down_site = self.sequences_with_down_spikes / sequences >= min_fraction
+        if force_down is not None:
+            down_site = force_down
+        templates = LayerTemplates(
+            residual_threshold=torch.tensor(
+                _threshold(self.residual_max_ordinary, self.residual_min_spike)
+                if carries
+                else math.inf
+            ),
+            down_threshold=torch.tensor(
+                _threshold(self.down_max_ordinary, self.down_min_spike)
+                if down_site
+                else math.inf
+            ),
+        )
+        if carries:
+            templates.norm_templates = {
+                name: _fill_missing_kinds(sums, self.norm_counts[name]).float()
+                for name, sums in self.norm_sums.items()
+                if self.norm_counts[name].sum() > 0
+            }
+        if down_site and self.down_counts.sum() > 0:
+            templates.down_template = _fill_missing_kinds(
+                self.down_sums, self.down_counts
+            ).float()
+        first_norm = next(iter(self.norm_counts.values()))
+        templates.template_counts = torch.maximum(first_norm, self.down_counts).float()
+        return templates
+
+
+@dataclass
+class SpikeTemplates:
+    """All layers' templates, keyed by decoder layer index."""
+
+    layers: dict[int, LayerTemplates] = field(default_factory=dict)
+
+    @property
+    def carrier_layers(self) -> list[int]:
+        return sorted(i for i, t in self.layers.items() if t.norm_templates)
+
+    @property
+    def down_proj_layers(self) -> list[int]:
+        return sorted(i for i, t in self.layers.items() if t.down_template is not None)
+
+    @property
+    def has_spikes(self) -> bool:
+        return any(t.carries_spikes for t in self.layers.values())
+
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        """Flat tensors, e.g. ``layers.11.down_template`` (checkpoint-ready)."""
+        state = {}
+        for index, t in self.layers.items():
+            prefix = f"layers.{index}."
+            state[prefix + "residual_threshold"] = t.residual_threshold
+            state[prefix + "down_threshold"] = t.down_threshold
+            for name, template in t.norm_templates.items():
+                state[prefix + f"norm_templates.{name}"] = template
+            if t.down_template is not None:
+                state[prefix + "down_template"] = t.down_template
+        return state
