@@ -2,11 +2,17 @@
 
 from __future__ import annotations
 
+import itertools
+import time
+from collections.abc import Iterable
+
+import torch
 from llmcompressor.core import Event, State, active_session
 from llmcompressor.modifiers import Modifier, ModifierFactory
 from loguru import logger
 from pydantic import PrivateAttr, field_validator
 from torch import nn
+from tqdm.auto import tqdm
 
 from iq_transform.arch import get_arch_spec
 from iq_transform.runtime import SpikeFreeRuntime, get_runtime
@@ -22,6 +28,13 @@ _DOWNSTREAM_STAGES = (
     "SmoothQuantModifier",
     "QuIPModifier",
     "SpinQuantModifier",
+)
+
+
+_NO_DATA = (
+    "SpikeFreeModifier needs calibration data to find spike tokens and compute "
+    "templates: pass dataset=... with at least one sample (num_calibration_samples "
+    "> 0) to oneshot."
 )
 
 
@@ -68,6 +81,9 @@ class SpikeFreeModifier(Modifier):
 
     :param ratio: a token is a spike token when its max |x| exceeds ``ratio`` x the
         median token max of its sequence (64 in PrefixQuant and INSERTQUANT)
+    :param num_calibration_samples: how many calibration batches SpikeFree runs
+        through the model itself at calibration start (spikes are consistent, a few
+        samples suffice; this keeps its cost a small part of oneshot)
     :param min_fraction: a layer is treated as carrying spikes (or its
         ``down_proj`` as creating/removing them) when at least this fraction of
         calibration sequences showed spike tokens there
@@ -78,11 +94,12 @@ class SpikeFreeModifier(Modifier):
     """
 
     ratio: float = 64.0
+    num_calibration_samples: int = 16
     min_fraction: float = 0.25
     down_proj_layers: list[int] | None = None
     norm_templates: bool = True
-    requires_calibration_data: bool = True
 
+    calibration_seconds_: float | None = None
     _templates: SpikeTemplates | None = PrivateAttr(default=None)
     _runtime: SpikeFreeRuntime | None = PrivateAttr(default=None)
 
@@ -112,48 +129,48 @@ class SpikeFreeModifier(Modifier):
         _check_not_quantized(model)
         calib = getattr(state.data, "calib", None)
         if calib is None or len(calib) == 0:
-            raise ValueError(
-                "SpikeFreeModifier needs calibration data to find spike tokens and "
-                "compute templates: pass dataset=... (and num_calibration_samples "
-                "> 0) to oneshot."
-            )
+            raise ValueError(_NO_DATA)
         arch = get_arch_spec(model)
-        runtime = get_runtime(model)
-        if runtime is not None:
+        if (runtime := get_runtime(model)) is not None:
             logger.info("SpikeFree: replacing the runtime already in the model")
             runtime.remove()
         self._runtime = SpikeFreeRuntime(model, arch, ratio=self.ratio)
-        self._runtime.start_collecting()
-        logger.info(
-            f"SpikeFree: calibrating spike sites and templates ({arch.name}, "
-            f"ratio {self.ratio:g})"
-        )
         return True
 
-    def on_sequential_epoch_end(
-        self, state: State, event: Event, modules: list[nn.Module] | None = None, **kw
-    ) -> None:
-        # Finish the layers this epoch covered, so the propagation pass and every
-        # later layer's calibration already see spike-free inputs.
-        layers = self._runtime.layers_in(modules or [])
-        self._finish(layers)
-
-    def on_calibration_end(self, state: State, event: Event, **kwargs) -> None:
-        self._finish(None)
+    def on_calibration_start(self, state: State, event: Event, **kwargs) -> None:
+        """Calibrate with plain forwards of a few batches, so the templates exist
+        before any later stage (in this pass or the next) sees activations."""
         runtime = self._runtime
-        templates = runtime.templates
-        self._templates = templates
-        if not templates.has_spikes:
+        runtime.start_collecting()
+        batches = self._calibration_batches(state)
+        start = time.perf_counter()
+        run_calibration_forwards(state.model, batches)
+        for layer in runtime.layers:
+            if layer.statistics.sequences == 0:
+                raise ValueError(
+                    f"SpikeFree: decoder layer {layer.index} saw no calibration "
+                    "tokens; the calibration set is empty."
+                )
+        runtime.finish_collecting(None, self.min_fraction, self.down_proj_layers)
+        if not self.norm_templates:
+            for layer in runtime.layers:
+                layer.templates.norm_templates = {}
+        self._templates = runtime.templates
+        self.calibration_seconds_ = time.perf_counter() - start
+        if not self._templates.has_spikes:
             logger.warning(
-                f"SpikeFree: no spike tokens at ratio {self.ratio:g} in the "
-                "calibration data; the model passes through unchanged."
+                f"SpikeFree: no spike tokens at ratio {self.ratio:g} in "
+                f"{len(batches)} calibration batches; the model passes through "
+                "unchanged and later stages quantize it as they would without "
+                "SpikeFree."
             )
             runtime.remove()
             self._runtime = None
             return
         logger.info(
-            f"SpikeFree: spikes carried in layers {templates.carrier_layers}; "
-            f"down_proj templates at layers {templates.down_proj_layers}"
+            f"SpikeFree: spikes carried in layers {self._templates.carrier_layers}; "
+            f"down_proj templates at layers {self._templates.down_proj_layers} "
+            f"({len(batches)} batches, {self.calibration_seconds_:.1f} s)"
         )
 
     def on_finalize(self, state: State, **kwargs) -> bool:
@@ -161,26 +178,14 @@ class SpikeFreeModifier(Modifier):
         return True
 
     # -- helpers ----------------------------------------------------------------
-    def _finish(self, layers) -> None:
-        calibrating = [
-            layer
-            for layer in (layers if layers is not None else self._runtime.layers)
-            if layer.collecting
-        ]
-        if not calibrating:
-            return
-        for layer in calibrating:
-            if layer.statistics.sequences == 0:
-                raise ValueError(
-                    f"SpikeFree: decoder layer {layer.index} saw no calibration "
-                    "tokens; the calibration set is empty or too short."
-                )
-        self._runtime.finish_collecting(
-            calibrating, self.min_fraction, self.down_proj_layers
+    def _calibration_batches(self, state: State) -> list[dict]:
+        calib = getattr(state.data, "calib", None)
+        batches = (
+            [] if calib is None else list(_take(calib, self.num_calibration_samples))
         )
-        if not self.norm_templates:
-            for layer in calibrating:
-                layer.templates.norm_templates = {}
+        if not batches:
+            raise ValueError(_NO_DATA)
+        return batches
 
     def _check_recipe_order(self) -> None:
         modifiers = list(active_session().lifecycle.recipe.modifiers)
@@ -213,3 +218,23 @@ def _check_not_quantized(model: nn.Module) -> None:
 
 
 ModifierFactory.register("SpikeFreeModifier", SpikeFreeModifier)
+
+
+def _take(batches: Iterable[dict], count: int) -> Iterable[dict]:
+    return itertools.islice(batches, max(count, 0))
+
+
+@torch.no_grad()
+def run_calibration_forwards(model: nn.Module, batches: list[dict]) -> None:
+    """Plain forwards of ``batches`` (dicts with ``input_ids``, maybe
+    ``attention_mask``) through ``model``; what the runtime collects is the point."""
+    device = next(model.parameters()).device
+    for batch in tqdm(batches, desc="SpikeFree calibration", leave=False):
+        inputs = {
+            key: torch.as_tensor(batch[key]).to(device)
+            for key in ("input_ids", "attention_mask")
+            if key in batch
+        }
+        if inputs["input_ids"].dim() == 1:
+            inputs = {key: value.unsqueeze(0) for key, value in inputs.items()}
+        model(**inputs, use_cache=False)

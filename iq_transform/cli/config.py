@@ -13,7 +13,13 @@ from hydra.core.config_store import ConfigStore
 
 from iq_transform.data import TextSource
 
-__all__ = ["ModelConfig", "TextConfig", "AnalyzeConfig", "register_configs"]
+__all__ = [
+    "ModelConfig",
+    "TextConfig",
+    "AnalyzeConfig",
+    "QuantizeConfig",
+    "register_configs",
+]
 
 
 @dataclass
@@ -80,8 +86,29 @@ class AnalyzeConfig:
     progress: bool = True
 
 
+@dataclass
+class QuantizeConfig:
+    """``iq-quantize``: oneshot with a recipe, then WikiText-2 perplexity.
+
+    :param recipe: a name in ``recipes/`` (e.g. ``w8a8_static_spikefree``), a YAML
+        path, or ``none`` for the unquantized model
+    :param pipeline: llm-compressor pipeline (``independent``, ``sequential``,
+        ``basic``)
+    :param output_dir: where results.json and recipe.yaml go (default: run dir)
+    """
+
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: TextConfig = field(default_factory=TextConfig)
+    eval: TextConfig = field(default_factory=TextConfig)
+    recipe: str | None = "w8a8_static_spikefree"
+    pipeline: str = "independent"
+    output_dir: str | None = None
+    progress: bool = True
+
+
 def register_configs() -> None:
     """Make the schemas known to Hydra (called at import of each app module, so
     launcher workers that re-import it see them too)."""
     store = ConfigStore.instance()
     store.store(name="analyze_schema", node=AnalyzeConfig)
+    store.store(name="quantize_schema", node=QuantizeConfig)

@@ -1,0 +1,146 @@
+"""Load, oneshot with a recipe, perplexity: the steps apps and benchmarks share."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+from datasets import Dataset
+from loguru import logger
+from torch import nn
+from transformers import PreTrainedTokenizerBase
+
+from iq_transform.perplexity import PerplexityResult, perplexity
+from iq_transform.runtime import get_runtime
+
+__all__ = [
+    "RECIPES_DIR",
+    "RecipeError",
+    "RunMeasurement",
+    "resolve_recipe",
+    "recipe_yaml",
+    "apply_recipe",
+    "evaluate",
+]
+
+RECIPES_DIR = Path(__file__).resolve().parent.parent / "recipes"
+NO_RECIPE = ("none", "fp32", "")
+
+
+class RecipeError(ValueError):
+    """A recipe name or file that does not exist."""
+
+
+@dataclass
+class RunMeasurement:
+    """What one quantize-and-evaluate run measured."""
+
+    ppl: float
+    eval: dict
+    oneshot_seconds: float
+    spikefree_seconds: float | None
+    eval_seconds: float
+    spike_tokens_in_eval: int | None
+    extra: dict = field(default_factory=dict)
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def available_recipes() -> list[str]:
+    return sorted(p.stem for p in _recipe_dirs()[0].glob("*.yaml"))
+
+
+def _recipe_dirs() -> list[Path]:
+    from importlib import resources
+
+    packaged = Path(str(resources.files("iq_transform").joinpath("recipes")))
+    return [d for d in (RECIPES_DIR, packaged) if d.is_dir()] or [RECIPES_DIR]
+
+
+def resolve_recipe(recipe: str | None) -> Path | None:
+    """A recipe name (``recipes/<name>.yaml``) or a YAML path; ``None``/``none``/
+    ``fp32`` mean no quantization."""
+    if recipe is None or recipe.lower() in NO_RECIPE:
+        return None
+    path = Path(recipe).expanduser()
+    if path.suffix in (".yaml", ".yml") and path.is_file():
+        return path
+    for folder in _recipe_dirs():
+        candidate = folder / f"{recipe}.yaml"
+        if candidate.is_file():
+            return candidate
+    raise RecipeError(
+        f"Unknown recipe {recipe!r}: not a YAML file and not one of "
+        f"{available_recipes()} in recipes/. Give recipe=<name> or a path."
+    )
+
+
+def recipe_yaml(recipe: str | Path | list | None) -> str:
+    """The recipe as YAML text, for results (a list of modifiers is serialized)."""
+    if recipe is None:
+        return ""
+    if isinstance(recipe, (str, Path)):
+        return Path(recipe).read_text()
+    from llmcompressor.recipe import Recipe
+
+    return Recipe.from_modifiers(recipe).yaml()
+
+
+def apply_recipe(
+    model: nn.Module,
+    tokenizer: PreTrainedTokenizerBase,
+    recipe: str | Path | list,
+    calibration: torch.Tensor,
+    pipeline: str = "independent",
+) -> tuple[float, float | None]:
+    """Run llm-compressor's ``oneshot`` on ``calibration`` (samples, seqlen).
+
+    :return: oneshot wall seconds, and SpikeFree's own calibration seconds (or None)
+    """
+    from llmcompressor import oneshot
+
+    import iq_transform  # noqa: F401  (registers SpikeFreeModifier and observers)
+
+    dataset = Dataset.from_dict({"input_ids": calibration.tolist()})
+    start = time.perf_counter()
+    oneshot(
+        model=model,
+        dataset=dataset,
+        recipe=str(recipe) if isinstance(recipe, Path) else recipe,
+        processor=tokenizer,
+        num_calibration_samples=calibration.shape[0],
+        max_seq_length=calibration.shape[1],
+        pipeline=pipeline,
+    )
+    seconds = time.perf_counter() - start
+    spikefree_seconds = _spikefree_seconds()
+    logger.info(f"oneshot took {seconds:.1f} s")
+    return seconds, spikefree_seconds
+
+
+def _spikefree_seconds() -> float | None:
+    from llmcompressor.core import active_session
+
+    from iq_transform.modifier import SpikeFreeModifier
+
+    modifiers = active_session().lifecycle.recipe.modifiers
+    seconds = [
+        m.calibration_seconds_ for m in modifiers if isinstance(m, SpikeFreeModifier)
+    ]
+    return seconds[0] if seconds else None
+
+
+def evaluate(
+    model: nn.Module, windows: torch.Tensor, progress: bool = True
+) -> tuple[PerplexityResult, float, int | None]:
+    """Perplexity, wall seconds, and the spike tokens the runtime handled."""
+    runtime = get_runtime(model)
+    seen_before = runtime.spike_tokens_seen if runtime else None
+    start = time.perf_counter()
+    result = perplexity(model, windows, progress=progress)
+    seconds = time.perf_counter() - start
+    spikes = runtime.spike_tokens_seen - seen_before if runtime else None
+    return result, seconds, spikes
