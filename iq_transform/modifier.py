@@ -94,7 +94,7 @@ class SpikeFreeModifier(Modifier):
     """
 
     ratio: float = 64.0
-    num_calibration_samples: int = 16
+    num_calibration_samples: int = 4
     min_fraction: float = 0.25
     down_proj_layers: list[int] | None = None
     norm_templates: bool = True
@@ -151,7 +151,7 @@ class SpikeFreeModifier(Modifier):
                     f"SpikeFree: decoder layer {layer.index} saw no calibration "
                     "tokens; the calibration set is empty."
                 )
-        runtime.finish_collecting(None, self.min_fraction, self.down_proj_layers)
+        runtime.finish_collecting(self.min_fraction, self.down_proj_layers)
         if not self.norm_templates:
             for layer in runtime.layers:
                 layer.templates.norm_templates = {}

@@ -104,6 +104,12 @@ def apply_recipe(
 
     import iq_transform  # noqa: F401  (registers SpikeFreeModifier and observers)
 
+    if calibration.numel() == 0:
+        raise ValueError(
+            "The calibration set is empty: give at least one calibration sample "
+            "(data.num_samples > 0 with a long enough text)."
+        )
+
     dataset = Dataset.from_dict({"input_ids": calibration.tolist()})
     start = time.perf_counter()
     oneshot(

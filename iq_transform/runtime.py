@@ -46,6 +46,9 @@ __all__ = [
 ]
 
 _RUNTIME_ATTRIBUTE = "_spikefree_runtime"
+# A carrier stays a carrier while its max |x| keeps at least this share of the
+# previous layer's: removal can take several layers (SmolLM2: 24.5k, 10k, 4.4k).
+CARRIER_DROP = 0.25
 # (batch, tokens) rows of the decoder layer whose forward is in flight; decoder
 # layers never run nested, so one slot is enough.
 _ACTIVE_ROWS: torch.Tensor | None = None
@@ -160,10 +163,8 @@ class LayerRuntime:
         self.statistics = LayerStatistics(hidden_size, self.arch.norm_names())
         self.templates = None
 
-    def finish_collecting(self, min_fraction: float, force_down: bool | None) -> None:
-        if self.statistics is None:
-            return
-        self.templates = self.statistics.finalize(min_fraction, force_down)
+    def finish_collecting(self, carries: bool, down_site: bool) -> None:
+        self.templates = self.statistics.finalize(carries, down_site)
         self.statistics = None
 
     def remove(self) -> None:
@@ -192,8 +193,11 @@ class LayerRuntime:
         token_max = hidden.detach().abs().amax(dim=-1).float()
         threshold = None if self.collecting else self.templates.residual_threshold
         carriers = spike_token_mask(token_max, self.runtime.ratio, valid, threshold)
-        if self.collecting and not _hooks_disabled():
-            self._record_residual(token_max, carriers, valid)
+        if self.collecting:
+            carriers = carriers | self.runtime.still_carried(token_max)
+            self.runtime.remember_carriers(token_max, carriers)
+            if not _hooks_disabled():
+                self._record_residual(token_max, carriers, valid)
         elif not self.collecting and not self.templates.norm_templates:
             carriers = torch.zeros_like(carriers)
         self.current = _Forward(valid=valid, kinds=kinds, carriers=carriers)
@@ -348,7 +352,10 @@ class SpikeFreeRuntime:
         self.model, self.arch, self.ratio = model, arch, ratio
         self.attention_mask: torch.Tensor | None = None
         self.spike_tokens_seen = 0
+        # (batch, tokens) tokens handled in the last model forward, for inspection
+        self.last_spike_tokens: torch.Tensor | None = None
         self._forward_rows: torch.Tensor | None = None
+        self._previous: tuple[torch.Tensor, torch.Tensor] | None = None
         self.layers = [
             LayerRuntime(self, index, layer)
             for index, layer in enumerate(arch.decoder_layers(model))
@@ -366,10 +373,12 @@ class SpikeFreeRuntime:
         is_mask = type(mask) is torch.Tensor and mask.dim() == 2 and not mask.is_meta
         self.attention_mask = mask if is_mask else None
         self._forward_rows = None
+        self._previous = None
 
     def _after_model(self, module, args, output):
         if self._forward_rows is not None:
             self.spike_tokens_seen += int(self._forward_rows.sum())
+        self.last_spike_tokens = self._forward_rows
         self.attention_mask, self._forward_rows = None, None
 
     def note_spikes(self, rows: torch.Tensor) -> None:
@@ -394,17 +403,45 @@ class SpikeFreeRuntime:
             layer.start_collecting(hidden_size)
 
     def finish_collecting(
-        self,
-        layers: list[LayerRuntime] | None = None,
-        min_fraction: float = 0.25,
-        down_proj_layers: list[int] | None = None,
+        self, min_fraction: float = 0.25, down_proj_layers: list[int] | None = None
     ) -> None:
-        """Turn the statistics of ``layers`` (default: all) into templates."""
-        for layer in layers if layers is not None else self.layers:
-            force = (
-                None if down_proj_layers is None else layer.index in down_proj_layers
-            )
-            layer.finish_collecting(min_fraction, force)
+        """Turn every layer's statistics into templates.
+
+        A layer *carries* spikes when at least ``min_fraction`` of the calibration
+        sequences had carriers in its input. Spikes are created by the ``down_proj``
+        of the layer before a run of carrier layers and removed by the last
+        carrier layer's; a layer whose ``down_proj`` input itself shows token spikes
+        that often is a ``down_proj`` site too. ``down_proj_layers`` overrides.
+        """
+        stats = [layer.statistics for layer in self.layers]
+        carries = [s.carrier_fraction() >= min_fraction for s in stats]
+        if down_proj_layers is not None:
+            down = [index in down_proj_layers for index in range(len(stats))]
+        else:
+            down = [s.down_spike_fraction() >= min_fraction for s in stats]
+            for index in range(len(stats)):
+                after = carries[index + 1] if index + 1 < len(stats) else False
+                if carries[index] != after:  # a carrier run starts or ends here
+                    down[index] = True
+        for layer, layer_carries, layer_down in zip(
+            self.layers, carries, down, strict=True
+        ):
+            layer.finish_collecting(layer_carries, layer_down)
+        self._previous = None
+
+    def still_carried(self, token_max: torch.Tensor) -> torch.Tensor:
+        """During calibration (layers in order within one forward): the previous
+        layer's carriers whose max |x| has not dropped below half, i.e. spikes not
+        yet removed. The ratio test alone loses them in late layers, where ordinary
+        tokens grow."""
+        previous = self._previous
+        if previous is None or previous[0].shape != token_max.shape:
+            return torch.zeros_like(token_max, dtype=torch.bool)
+        previous_max, previous_carriers = previous
+        return previous_carriers & (token_max >= CARRIER_DROP * previous_max)
+
+    def remember_carriers(self, token_max: torch.Tensor, carriers: torch.Tensor):
+        self._previous = (token_max, carriers)
 
     def layers_in(self, modules: list[nn.Module]) -> list[LayerRuntime]:
         ids = {id(module) for module in modules}

@@ -129,21 +129,20 @@ class LayerStatistics:
         )
         return tensors
 
-    def finalize(
-        self, min_fraction: float, force_down: bool | None = None
-    ) -> LayerTemplates:
+    def carrier_fraction(self) -> float:
+        return self.sequences_with_carriers / max(self.sequences, 1)
+
+    def down_spike_fraction(self) -> float:
+        return self.sequences_with_down_spikes / max(self.sequences, 1)
+
+    def finalize(self, carries: bool, down_site: bool) -> LayerTemplates:
         """Templates for this layer.
 
-        :param min_fraction: a layer carries spikes (norm templates) when at least
-            this fraction of calibration sequences had spike carriers in its input;
-            likewise its ``down_proj`` gets an output template
-        :param force_down: override the ``down_proj`` site decision
+        :param carries: the layer's input carries spikes: norm templates and a
+            residual threshold
+        :param down_site: the layer's ``down_proj`` creates or removes spikes: an
+            output template and a ``down_proj`` input threshold
         """
-        sequences = max(self.sequences, 1)
-        carries = self.sequences_with_carriers / sequences >= min_fraction
-        down_site = self.sequences_with_down_spikes / sequences >= min_fraction
-        if force_down is not None:
-            down_site = force_down
         templates = LayerTemplates(
             residual_threshold=torch.tensor(
                 _threshold(self.residual_max_ordinary, self.residual_min_spike)

@@ -1,0 +1,206 @@
+"""SpikeFree against llm-compressor baselines, in one run, one protocol.
+
+Rows: FP32, FP32 + SpikeFree, and INT8 / FP8 W8A8 x {dynamic per-token, static
+per-tensor, static + SpikeFree} x {RTN, GPTQ}. Every row starts from a fresh copy of
+the model; calibration (Brown) and evaluation (WikiText-2 test) windows are the same
+for all rows of a model. Prints a Markdown table and writes JSON.
+
+    python benchmarks/spikefree_table.py                       # both models, all rows
+    python benchmarks/spikefree_table.py --models smollm2-135m --rows int8
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+from loguru import logger
+
+from iq_transform import SpikeFreeModifier
+from iq_transform.data import (
+    TextSource,
+    calibration_windows,
+    evaluation_windows,
+    load_documents,
+    load_text,
+)
+from iq_transform.models import load_model
+from iq_transform.pipeline import apply_recipe, evaluate
+
+W8_INT = {"num_bits": 8, "type": "int", "strategy": "channel", "symmetric": True}
+W8_FP = {**W8_INT, "type": "float"}
+
+
+def activations(kind: str, dynamic: bool, observer: str | None) -> dict:
+    args = {
+        "num_bits": 8,
+        "type": kind,
+        "symmetric": True,
+        "dynamic": dynamic,
+        "strategy": "token" if dynamic else "tensor",
+    }
+    if observer:
+        args["observer"] = observer
+    return args
+
+
+def quantizer(kind: str, dynamic: bool, observer: str | None, gptq: bool):
+    from llmcompressor.modifiers.gptq import GPTQModifier
+    from llmcompressor.modifiers.quantization import QuantizationModifier
+
+    cls = GPTQModifier if gptq else QuantizationModifier
+    weights = W8_INT if kind == "int" else W8_FP
+    return cls(
+        ignore=["lm_head"],
+        config_groups={
+            "group_0": {
+                "targets": ["Linear"],
+                "weights": weights,
+                "input_activations": activations(kind, dynamic, observer),
+            }
+        },
+    )
+
+
+# Static observers: llm-compressor's defaults (``minmax`` for INT8, ``static_minmax``
+# as in its FP8 preset) and their spike-free counterparts.
+STATIC_OBSERVER = {"int": "minmax", "float": "static_minmax"}
+SPIKEFREE_OBSERVER = {"int": "spikefree_minmax", "float": "spikefree_static_minmax"}
+
+
+def build_rows(spikefree_kwargs: dict) -> dict[str, Callable[[], list]]:
+    rows: dict[str, Callable[[], list]] = {
+        "FP32": lambda: [],
+        "FP32 + SpikeFree": lambda: [SpikeFreeModifier(**spikefree_kwargs)],
+    }
+    for kind, label in (("int", "INT8"), ("float", "FP8")):
+        for gptq in (False, True):
+            weights = "GPTQ" if gptq else "RTN"
+
+            def dynamic(kind=kind, gptq=gptq):
+                return [quantizer(kind, True, None, gptq)]
+
+            def static(kind=kind, gptq=gptq):
+                return [quantizer(kind, False, STATIC_OBSERVER[kind], gptq)]
+
+            def spikefree(kind=kind, gptq=gptq):
+                return [
+                    SpikeFreeModifier(**spikefree_kwargs),
+                    quantizer(kind, False, SPIKEFREE_OBSERVER[kind], gptq),
+                ]
+
+            rows[f"{label} {weights} dynamic per-token"] = dynamic
+            rows[f"{label} {weights} static per-tensor"] = static
+            rows[f"{label} {weights} static + SpikeFree"] = spikefree
+    return rows
+
+
+def run_model(spec: str, row_names: list[str], rows, args) -> list[dict]:
+    _, tokenizer = load_model(spec)
+    calibration = calibration_windows(
+        tokenizer,
+        load_documents(TextSource(path=args.calibration)),
+        args.calib_samples,
+        args.seqlen,
+    )
+    windows = evaluation_windows(
+        tokenizer,
+        load_text(TextSource(path=args.evaluation)),
+        args.seqlen,
+        args.eval_windows,
+    )
+    results = []
+    for name in row_names:
+        model, tokenizer = load_model(spec)
+        recipe = rows[name]()
+        start = time.perf_counter()
+        oneshot_seconds = spikefree_seconds = None
+        if recipe:
+            oneshot_seconds, spikefree_seconds = apply_recipe(
+                model, tokenizer, recipe, calibration
+            )
+        result, eval_seconds, spikes = evaluate(model, windows, progress=False)
+        row = {
+            "model": spec,
+            "row": name,
+            "ppl": result.ppl,
+            "oneshot_seconds": oneshot_seconds,
+            "spikefree_seconds": spikefree_seconds,
+            "eval_seconds": eval_seconds,
+            "spike_tokens_in_eval": spikes,
+            "wall_seconds": time.perf_counter() - start,
+        }
+        logger.info(f"{spec} | {name} | PPL {result.ppl:.3f}")
+        results.append(row)
+        del model
+    return results
+
+
+def markdown(results: list[dict]) -> str:
+    lines = []
+    for spec in dict.fromkeys(r["model"] for r in results):
+        rows = [r for r in results if r["model"] == spec]
+        reference = {
+            r["row"].replace(" dynamic per-token", ""): r["ppl"]
+            for r in rows
+            if "dynamic" in r["row"]
+        }
+        lines += [
+            f"**{spec}**",
+            "",
+            "| setting | WikiText-2 PPL | x dynamic | oneshot s | SpikeFree s |",
+            "|---|---|---|---|---|",
+        ]
+        for r in rows:
+            base = next(
+                (v for k, v in reference.items() if r["row"].startswith(k + " ")),
+                None,
+            )
+            ratio = f"{r['ppl'] / base:.3f}" if base else ""
+            oneshot = f"{r['oneshot_seconds']:.0f}" if r["oneshot_seconds"] else ""
+            spikefree = (
+                f"{r['spikefree_seconds']:.1f}" if r["spikefree_seconds"] else ""
+            )
+            lines.append(
+                f"| {r['row']} | {r['ppl']:.2f} | {ratio} | {oneshot} | {spikefree} |"
+            )
+        lines.append("")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--models", nargs="+", default=["smollm2-135m", "gemma3-270m"])
+    parser.add_argument(
+        "--rows", nargs="*", default=None, help="substrings of row names to keep"
+    )
+    parser.add_argument("--calib-samples", type=int, default=16)
+    parser.add_argument("--eval-windows", type=int, default=8)
+    parser.add_argument("--seqlen", type=int, default=512)
+    parser.add_argument("--calibration", default="shared/brown/brown.txt")
+    parser.add_argument("--evaluation", default="shared/wikitext-2-raw/wiki.test.raw")
+    parser.add_argument("--no-norm-templates", action="store_true")
+    parser.add_argument("--output", default="benchmarks/results/spikefree_table.json")
+    args = parser.parse_args(argv)
+    rows = build_rows({"norm_templates": not args.no_norm_templates})
+    names = [
+        name
+        for name in rows
+        if args.rows is None or any(part in name for part in args.rows)
+    ]
+    results = []
+    for spec in args.models:
+        results += run_model(spec, names, rows, args)
+    output = Path(args.output)
+    output.parent.mkdir(parents=True, exist_ok=True)
+    output.write_text(json.dumps({"args": vars(args), "results": results}, indent=1))
+    print(markdown(results))
+    print(f"(written to {output}; command: python {' '.join(sys.argv)})")
+
+
+if __name__ == "__main__":
+    main()

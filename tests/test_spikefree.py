@@ -1,0 +1,265 @@
+"""SpikeFreeModifier on the planted-spike tiny Llama: exact expectations."""
+
+import logging
+
+import pytest
+import torch
+import yaml
+
+from iq_transform import SpikeFreeModifier, SpikeFreeOrderError, get_runtime
+from iq_transform.data import TextSource, calibration_windows, load_documents
+from iq_transform.models import load_model
+from iq_transform.pipeline import RECIPES_DIR, apply_recipe
+from iq_transform.templates import FIRST_TOKEN, MID_SEQUENCE
+
+W8 = {"num_bits": 8, "type": "int", "strategy": "channel", "symmetric": True}
+
+
+def static_int8(observer: str):
+    from llmcompressor.modifiers.quantization import QuantizationModifier
+
+    return QuantizationModifier(
+        ignore=["lm_head"],
+        config_groups={
+            "group_0": {
+                "targets": ["Linear"],
+                "weights": W8,
+                "input_activations": {
+                    "num_bits": 8,
+                    "type": "int",
+                    "strategy": "tensor",
+                    "symmetric": True,
+                    "dynamic": False,
+                    "observer": observer,
+                },
+            }
+        },
+    )
+
+
+@pytest.fixture(scope="module")
+def calibration():
+    _, tokenizer = load_model("tiny-planted")
+    documents = load_documents(TextSource(path="shared/brown/brown.txt"))[:200]
+    # exactly SpikeFree's default num_calibration_samples: it sees all of them
+    return calibration_windows(tokenizer, documents, num_samples=4, seqlen=128)
+
+
+@pytest.fixture
+def fresh():
+    return load_model("tiny-planted")
+
+
+@pytest.fixture(scope="module")
+def calibrated(calibration):
+    """The planted model with SpikeFree calibrated and installed (no quantization)."""
+    model, tokenizer = load_model("tiny-planted")
+    apply_recipe(model, tokenizer, [SpikeFreeModifier()], calibration)
+    return model, tokenizer
+
+
+def test_sites_are_found_where_planted(calibrated):
+    templates = get_runtime(calibrated[0]).templates
+    assert templates.carrier_layers == [2, 3, 4]
+    assert templates.down_proj_layers == [1, 4]
+    for index in (2, 3, 4):
+        assert torch.isfinite(templates.layers[index].residual_threshold)
+    assert torch.isinf(templates.layers[0].residual_threshold)
+
+
+def test_templates_equal_the_planted_vectors(calibrated, planted, calibration):
+    model, tokenizer = calibrated
+    _, _, (bos, delimiter) = planted
+    templates = get_runtime(model).templates
+    fp_model, _ = load_model("tiny-planted")
+    with torch.no_grad():
+        hidden = fp_model(
+            input_ids=calibration, output_hidden_states=True
+        ).hidden_states
+    written = hidden[2] - hidden[1]  # what layer 1 added (attention is reserved-free)
+    creating = templates.layers[1].down_template
+    for kind, planted_spike in ((FIRST_TOKEN, bos), (MID_SEQUENCE, delimiter)):
+        rows = calibration == planted_spike.token_id
+        channel = planted_spike.spike_channel
+        # the output template is the mean spike the creating down_proj wrote
+        expected = written[rows][:, channel].mean()
+        assert creating[kind, channel] == pytest.approx(expected.item(), rel=1e-4)
+        other = (set((bos.spike_channel, delimiter.spike_channel)) - {channel}).pop()
+        assert creating[kind, other] == 0.0  # each kind writes only its own channel
+    assert creating[FIRST_TOKEN, bos.spike_channel] == pytest.approx(bos.spike, 1e-3)
+    # norm templates are the carriers' normalized residual: one-hot, sqrt(hidden)
+    hidden_size = model.config.hidden_size
+    for layer in (2, 3, 4):
+        for name, template in templates.layers[layer].norm_templates.items():
+            for kind, planted_spike in ((FIRST_TOKEN, bos), (MID_SEQUENCE, delimiter)):
+                value = template[kind, planted_spike.spike_channel]
+                assert value == pytest.approx(hidden_size**0.5, rel=1e-3), name
+                rest = template[kind].clone()
+                rest[planted_spike.spike_channel] = 0
+                assert rest.norm() < 0.01 * value
+
+
+def test_first_token_template_is_exact_so_fp_outputs_are_unchanged(calibrated):
+    model, tokenizer = calibrated
+    ids = tokenizer(
+        ["The quick brown fox jumps over the lazy dog." * 3], return_tensors="pt"
+    )
+    runtime = get_runtime(model)
+    with torch.no_grad():
+        with_runtime = model(**ids).logits
+        runtime_state = [(layer, layer.templates) for layer in runtime.layers]
+        for layer, _ in runtime_state:
+            layer.templates = None
+        without = model(**ids).logits
+        for layer, templates in runtime_state:
+            layer.templates = templates
+    torch.testing.assert_close(with_runtime, without, rtol=1e-4, atol=1e-4)
+
+
+def test_detection_with_left_padding_batch_and_mid_sequence_spikes(calibrated, planted):
+    model, tokenizer = calibrated
+    _, _, (bos, delimiter) = planted
+    texts = [
+        "Short one.\nEnds here",
+        "A longer line of text.\nAnd a second one.\nThird",
+    ]
+    batch = tokenizer(texts, return_tensors="pt", padding=True)
+    assert (batch.attention_mask[0] == 0).any()  # the first row is left-padded
+    runtime = get_runtime(model)
+    with torch.no_grad():
+        model(**batch)
+    expected = (batch.input_ids == bos.token_id) | (
+        batch.input_ids == delimiter.token_id
+    )
+    expected &= batch.attention_mask.bool()
+    assert torch.equal(runtime.last_spike_tokens, expected)
+    assert expected.sum() == 5
+
+
+def test_generation_with_kv_cache_equals_generation_without(calibrated):
+    model, tokenizer = calibrated
+    prompt = tokenizer(["Once upon a time\nthere"], return_tensors="pt")
+    runtime = get_runtime(model)
+    with torch.no_grad():
+        cached = model.generate(**prompt, max_new_tokens=24, do_sample=False)
+        seen_with_cache = runtime.spike_tokens_seen
+        uncached = model.generate(
+            **prompt, max_new_tokens=24, do_sample=False, use_cache=False
+        )
+    assert torch.equal(cached, uncached)
+    assert seen_with_cache > 0
+
+
+def test_observer_scales_exclude_spike_rows(calibration):
+    scales = {}
+    for observer, recipe_head in (("minmax", []), ("spikefree_minmax", "sf")):
+        model, tokenizer = load_model("tiny-planted")
+        recipe = ([SpikeFreeModifier()] if recipe_head else []) + [
+            static_int8(observer)
+        ]
+        apply_recipe(model, tokenizer, recipe, calibration)
+        scales[observer] = {
+            name: module.input_scale.item()
+            for name, module in model.named_modules()
+            if hasattr(module, "input_scale")
+        }
+    creating = "model.layers.1.mlp.down_proj"
+    removing = "model.layers.4.mlp.down_proj"
+    for name in (creating, removing):
+        assert scales["minmax"][name] > 50 * scales["spikefree_minmax"][name]
+
+
+def test_spikefree_static_int8_beats_plain_static(calibration, fresh):
+    from iq_transform.data import evaluation_windows, load_text
+    from iq_transform.perplexity import perplexity
+
+    _, tokenizer = fresh
+    text = load_text(TextSource(path="shared/wikitext-2-raw/wiki.test.raw"))
+    windows = evaluation_windows(tokenizer, text[:20000], seqlen=128, num_windows=4)
+    ppl = {}
+    for name, recipe in (
+        ("fp32", []),
+        ("static", [static_int8("minmax")]),
+        ("spikefree", [SpikeFreeModifier(), static_int8("spikefree_minmax")]),
+    ):
+        model, tokenizer = load_model("tiny-planted")
+        if recipe:
+            apply_recipe(model, tokenizer, recipe, calibration)
+        ppl[name] = perplexity(model, windows, progress=False).ppl
+    assert abs(ppl["spikefree"] - ppl["fp32"]) < abs(ppl["static"] - ppl["fp32"]) / 3
+
+
+def test_yaml_recipe_round_trip(calibration):
+    from llmcompressor.recipe import Recipe
+
+    path = RECIPES_DIR / "w8a8_static_spikefree.yaml"
+    recipe = Recipe.create_instance(path_or_modifiers=str(path))
+    kinds = [type(m).__name__ for m in recipe.modifiers]
+    assert kinds == ["SpikeFreeModifier", "QuantizationModifier"]
+    assert recipe.modifiers[0].ratio == 64.0
+    reparsed = yaml.safe_load(recipe.yaml())
+    assert "SpikeFreeModifier" in str(reparsed)
+    model, tokenizer = load_model("tiny-planted")
+    apply_recipe(model, tokenizer, path, calibration)
+    assert get_runtime(model).templates.down_proj_layers == [1, 4]
+    assert hasattr(model.model.layers[1].mlp.down_proj, "input_scale")
+
+
+def test_model_without_spikes_passes_through_and_still_quantizes(calibration, caplog):
+    from loguru import logger
+
+    model, tokenizer = load_model("tiny-planted")
+    with torch.no_grad():  # unplant: no marker, so no unit fires
+        model.model.embed_tokens.weight[:, 3] = 0.0
+        model.model.embed_tokens.weight[:, 5] = 0.0
+    handler = logger.add(caplog.handler, level="WARNING", format="{message}")
+    try:
+        with caplog.at_level(logging.WARNING):
+            apply_recipe(
+                model,
+                tokenizer,
+                [SpikeFreeModifier(), static_int8("spikefree_minmax")],
+                calibration,
+            )
+    finally:
+        logger.remove(handler)
+    assert "no spike tokens" in caplog.text
+    assert get_runtime(model) is None
+    assert hasattr(model.model.layers[1].mlp.down_proj, "input_scale")
+
+
+def test_spikefree_after_a_quantizer_is_a_clear_error(calibration, fresh):
+    model, tokenizer = fresh
+    with pytest.raises(SpikeFreeOrderError, match="must come first"):
+        apply_recipe(
+            model,
+            tokenizer,
+            [static_int8("minmax"), SpikeFreeModifier()],
+            calibration,
+        )
+
+
+def test_empty_calibration_set_is_a_clear_error(fresh):
+    model, tokenizer = fresh
+    with pytest.raises(Exception, match="calibration"):
+        apply_recipe(
+            model,
+            tokenizer,
+            [SpikeFreeModifier()],
+            torch.zeros(0, 16, dtype=torch.long),
+        )
+
+
+def test_nan_activations_are_a_clear_error(calibration, fresh):
+    model, tokenizer = fresh
+    with torch.no_grad():
+        model.model.layers[0].mlp.down_proj.weight[0, 0] = float("nan")
+    with pytest.raises(FloatingPointError, match="NaN"):
+        apply_recipe(model, tokenizer, [SpikeFreeModifier()], calibration)
+
+
+def test_unknown_architecture_is_a_clear_error(calibration, fresh):
+    model, tokenizer = fresh
+    model.config.model_type = "mystery"
+    with pytest.raises(ValueError, match="Unknown architecture.*mystery"):
+        apply_recipe(model, tokenizer, [SpikeFreeModifier()], calibration)
