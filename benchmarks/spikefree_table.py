@@ -67,9 +67,8 @@ def quantizer(kind: str, dynamic: bool, observer: str | None, gptq: bool):
 
 
 # Static observers: llm-compressor's defaults (``minmax`` for INT8, ``static_minmax``
-# as in its FP8 preset) and their spike-free counterparts.
-STATIC_OBSERVER = {"int": "minmax", "float": "static_minmax"}
-SPIKEFREE_OBSERVER = {"int": "spikefree_minmax", "float": "spikefree_static_minmax"}
+# as in its FP8 preset), its MSE clipping, and their spike-free counterparts.
+STATIC_OBSERVERS = {"int": ("minmax", "mse"), "float": ("static_minmax",)}
 
 
 def build_rows(spikefree_kwargs: dict) -> dict[str, Callable[[], list]]:
@@ -79,23 +78,24 @@ def build_rows(spikefree_kwargs: dict) -> dict[str, Callable[[], list]]:
     }
     for kind, label in (("int", "INT8"), ("float", "FP8")):
         for gptq in (False, True):
-            weights = "GPTQ" if gptq else "RTN"
-
-            def dynamic(kind=kind, gptq=gptq):
-                return [quantizer(kind, True, None, gptq)]
-
-            def static(kind=kind, gptq=gptq):
-                return [quantizer(kind, False, STATIC_OBSERVER[kind], gptq)]
-
-            def spikefree(kind=kind, gptq=gptq):
-                return [
-                    SpikeFreeModifier(**spikefree_kwargs),
-                    quantizer(kind, False, SPIKEFREE_OBSERVER[kind], gptq),
-                ]
-
-            rows[f"{label} {weights} dynamic per-token"] = dynamic
-            rows[f"{label} {weights} static per-tensor"] = static
-            rows[f"{label} {weights} static + SpikeFree"] = spikefree
+            prefix = f"{label} {'GPTQ' if gptq else 'RTN'}"
+            rows[f"{prefix} dynamic per-token"] = lambda kind=kind, gptq=gptq: [
+                quantizer(kind, True, None, gptq)
+            ]
+            for observer in STATIC_OBSERVERS[kind]:
+                rows[f"{prefix} static per-tensor ({observer})"] = (
+                    lambda kind=kind, gptq=gptq, observer=observer: [
+                        quantizer(kind, False, observer, gptq)
+                    ]
+                )
+            for observer in STATIC_OBSERVERS[kind]:
+                spikefree_observer = "spikefree_" + observer
+                rows[f"{prefix} static + SpikeFree ({spikefree_observer})"] = (
+                    lambda kind=kind, gptq=gptq, observer=spikefree_observer: [
+                        SpikeFreeModifier(**spikefree_kwargs),
+                        quantizer(kind, False, observer, gptq),
+                    ]
+                )
     return rows
 
 

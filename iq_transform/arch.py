@@ -26,6 +26,8 @@ class ArchSpec:
 
     :param name: family name used in logs
     :param model_types: ``config.model_type`` values that use this layout
+    :param decoder: attribute path of the base model (embeddings, layers, final norm;
+        no ``lm_head``)
     :param layers: attribute path from the top model to the decoder ``ModuleList``
     :param norm_linears: for each norm inside a decoder layer whose output feeds
         quantized linears, the names of those linears (relative to the layer)
@@ -37,6 +39,7 @@ class ArchSpec:
 
     name: str
     model_types: tuple[str, ...]
+    decoder: str = "model"
     layers: str = "model.layers"
     norm_linears: dict[str, tuple[str, ...]] = field(
         default_factory=lambda: {

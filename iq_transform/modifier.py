@@ -144,7 +144,7 @@ class SpikeFreeModifier(Modifier):
         runtime.start_collecting()
         batches = self._calibration_batches(state)
         start = time.perf_counter()
-        run_calibration_forwards(state.model, batches)
+        run_calibration_forwards(runtime, state.model, batches)
         for layer in runtime.layers:
             if layer.statistics.sequences == 0:
                 raise ValueError(
@@ -224,10 +224,11 @@ def _take(batches: Iterable[dict], count: int) -> Iterable[dict]:
     return itertools.islice(batches, max(count, 0))
 
 
-@torch.no_grad()
-def run_calibration_forwards(model: nn.Module, batches: list[dict]) -> None:
-    """Plain forwards of ``batches`` (dicts with ``input_ids``, maybe
-    ``attention_mask``) through ``model``; what the runtime collects is the point."""
+def run_calibration_forwards(
+    runtime: SpikeFreeRuntime, model: nn.Module, batches: list[dict]
+) -> None:
+    """Forward ``batches`` (dicts with ``input_ids``, maybe ``attention_mask``)
+    through the decoder; what the runtime collects on the way is the point."""
     device = next(model.parameters()).device
     for batch in tqdm(batches, desc="SpikeFree calibration", leave=False):
         inputs = {
@@ -237,4 +238,4 @@ def run_calibration_forwards(model: nn.Module, batches: list[dict]) -> None:
         }
         if inputs["input_ids"].dim() == 1:
             inputs = {key: value.unsqueeze(0) for key, value in inputs.items()}
-        model(**inputs, use_cache=False)
+        runtime.calibration_forward(**inputs)

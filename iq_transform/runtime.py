@@ -368,18 +368,37 @@ class SpikeFreeRuntime:
 
     # -- model-level bookkeeping ----------------------------------------------
     def _before_model(self, module, args, kwargs):
-        mask = kwargs.get("attention_mask")
+        self.begin_forward(kwargs.get("attention_mask"))
+
+    def _after_model(self, module, args, output):
+        self.end_forward()
+
+    def begin_forward(self, attention_mask) -> None:
         # fx tracing passes proxies here: keep only real 2-D padding masks.
+        mask = attention_mask
         is_mask = type(mask) is torch.Tensor and mask.dim() == 2 and not mask.is_meta
         self.attention_mask = mask if is_mask else None
         self._forward_rows = None
         self._previous = None
 
-    def _after_model(self, module, args, output):
+    def end_forward(self) -> None:
         if self._forward_rows is not None:
             self.spike_tokens_seen += int(self._forward_rows.sum())
         self.last_spike_tokens = self._forward_rows
         self.attention_mask, self._forward_rows = None, None
+
+    @torch.no_grad()
+    def calibration_forward(
+        self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None
+    ) -> None:
+        """One forward through the decoder only: templates need no logits, and the
+        ``lm_head`` is a large share of a small model's compute."""
+        decoder = self.model.get_submodule(self.arch.decoder)
+        self.begin_forward(attention_mask)
+        try:
+            decoder(input_ids=input_ids, attention_mask=attention_mask, use_cache=False)
+        finally:
+            self.end_forward()
 
     def note_spikes(self, rows: torch.Tensor) -> None:
         """Remember which tokens were handled in this model forward (counted once)."""
