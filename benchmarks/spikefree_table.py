@@ -30,41 +30,7 @@ from iq_transform.data import (
 )
 from iq_transform.models import load_model
 from iq_transform.pipeline import apply_recipe, evaluate
-
-W8_INT = {"num_bits": 8, "type": "int", "strategy": "channel", "symmetric": True}
-W8_FP = {**W8_INT, "type": "float"}
-
-
-def activations(kind: str, dynamic: bool, observer: str | None) -> dict:
-    args = {
-        "num_bits": 8,
-        "type": kind,
-        "symmetric": True,
-        "dynamic": dynamic,
-        "strategy": "token" if dynamic else "tensor",
-    }
-    if observer:
-        args["observer"] = observer
-    return args
-
-
-def quantizer(kind: str, dynamic: bool, observer: str | None, gptq: bool):
-    from llmcompressor.modifiers.gptq import GPTQModifier
-    from llmcompressor.modifiers.quantization import QuantizationModifier
-
-    cls = GPTQModifier if gptq else QuantizationModifier
-    weights = W8_INT if kind == "int" else W8_FP
-    return cls(
-        ignore=["lm_head"],
-        config_groups={
-            "group_0": {
-                "targets": ["Linear"],
-                "weights": weights,
-                "input_activations": activations(kind, dynamic, observer),
-            }
-        },
-    )
-
+from iq_transform.schemes import w8a8_quantizer
 
 # Static observers: llm-compressor's defaults (``minmax`` for INT8, ``static_minmax``
 # as in its FP8 preset), its MSE clipping, and their spike-free counterparts.
@@ -80,12 +46,12 @@ def build_rows(spikefree_kwargs: dict) -> dict[str, Callable[[], list]]:
         for gptq in (False, True):
             prefix = f"{label} {'GPTQ' if gptq else 'RTN'}"
             rows[f"{prefix} dynamic per-token"] = lambda kind=kind, gptq=gptq: [
-                quantizer(kind, True, None, gptq)
+                w8a8_quantizer(kind, True, None, gptq)
             ]
             for observer in STATIC_OBSERVERS[kind]:
                 rows[f"{prefix} static per-tensor ({observer})"] = (
                     lambda kind=kind, gptq=gptq, observer=observer: [
-                        quantizer(kind, False, observer, gptq)
+                        w8a8_quantizer(kind, False, observer, gptq)
                     ]
                 )
             for observer in STATIC_OBSERVERS[kind]:
@@ -93,7 +59,7 @@ def build_rows(spikefree_kwargs: dict) -> dict[str, Callable[[], list]]:
                 rows[f"{prefix} static + SpikeFree ({spikefree_observer})"] = (
                     lambda kind=kind, gptq=gptq, observer=spikefree_observer: [
                         SpikeFreeModifier(**spikefree_kwargs),
-                        quantizer(kind, False, observer, gptq),
+                        w8a8_quantizer(kind, False, observer, gptq),
                     ]
                 )
     return rows

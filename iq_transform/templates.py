@@ -106,29 +106,6 @@ class LayerStatistics:
         sums.index_add_(0, kinds, rows)
         counts.index_add_(0, kinds, torch.ones_like(kinds, dtype=torch.float64))
 
-    def as_tensors(self) -> dict[str, torch.Tensor]:
-        """Everything, as tensors (what distributed calibration all-reduces)."""
-        scalars = torch.tensor(
-            [
-                self.residual_max_ordinary,
-                self.residual_min_spike,
-                self.down_max_ordinary,
-                self.down_min_spike,
-                self.sequences,
-                self.sequences_with_carriers,
-                self.sequences_with_down_spikes,
-            ],
-            dtype=torch.float64,
-        )
-        tensors = {f"norm_sums.{k}": v for k, v in self.norm_sums.items()}
-        tensors.update({f"norm_counts.{k}": v for k, v in self.norm_counts.items()})
-        tensors.update(
-            down_sums=self.down_sums,
-            down_counts=self.down_counts,
-            scalars=scalars,
-        )
-        return tensors
-
     def carrier_fraction(self) -> float:
         return self.sequences_with_carriers / max(self.sequences, 1)
 

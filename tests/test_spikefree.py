@@ -10,31 +10,12 @@ from iq_transform import SpikeFreeModifier, SpikeFreeOrderError, get_runtime
 from iq_transform.data import TextSource, calibration_windows, load_documents
 from iq_transform.models import load_model
 from iq_transform.pipeline import RECIPES_DIR, apply_recipe
+from iq_transform.schemes import w8a8_quantizer
 from iq_transform.templates import FIRST_TOKEN, MID_SEQUENCE
-
-W8 = {"num_bits": 8, "type": "int", "strategy": "channel", "symmetric": True}
 
 
 def static_int8(observer: str):
-    from llmcompressor.modifiers.quantization import QuantizationModifier
-
-    return QuantizationModifier(
-        ignore=["lm_head"],
-        config_groups={
-            "group_0": {
-                "targets": ["Linear"],
-                "weights": W8,
-                "input_activations": {
-                    "num_bits": 8,
-                    "type": "int",
-                    "strategy": "tensor",
-                    "symmetric": True,
-                    "dynamic": False,
-                    "observer": observer,
-                },
-            }
-        },
-    )
+    return w8a8_quantizer("int", dynamic=False, observer=observer)
 
 
 @pytest.fixture(scope="module")

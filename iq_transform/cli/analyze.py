@@ -17,8 +17,6 @@ from omegaconf import OmegaConf
 
 from iq_transform.analysis import analyze_spikes
 from iq_transform.cli.config import AnalyzeConfig, register_configs
-from iq_transform.data import calibration_windows, load_documents
-from iq_transform.models import load_model
 from iq_transform.plotting import plot_spike_report
 
 register_configs()
@@ -26,18 +24,8 @@ register_configs()
 
 def run_analysis(config: AnalyzeConfig, output_dir: Path) -> dict:
     """Load, analyze, write ``spikes.json`` and ``spikes.png``; return the report."""
-    model, tokenizer = load_model(
-        config.model.spec,
-        cache_dir=config.model.cache_dir,
-        dtype=config.model.torch_dtype(),
-    )
-    windows = calibration_windows(
-        tokenizer,
-        load_documents(config.data.source()),
-        num_samples=config.data.num_samples,
-        seqlen=config.data.seqlen,
-        seed=config.data.seed,
-    )
+    model, tokenizer = config.model.load()
+    windows = config.data.calibration_windows(tokenizer)
     report = analyze_spikes(
         model,
         tokenizer,

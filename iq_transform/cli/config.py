@@ -11,7 +11,14 @@ from dataclasses import dataclass, field
 import torch
 from hydra.core.config_store import ConfigStore
 
-from iq_transform.data import TextSource
+from iq_transform.data import (
+    TextSource,
+    calibration_windows,
+    evaluation_windows,
+    load_documents,
+    load_text,
+)
+from iq_transform.models import load_model
 
 __all__ = [
     "ModelConfig",
@@ -40,6 +47,10 @@ class ModelConfig:
             raise ValueError(f"model.dtype={self.dtype!r} is not a torch dtype name")
         return dtype
 
+    def load(self):
+        """``(model, tokenizer)`` as configured."""
+        return load_model(self.spec, cache_dir=self.cache_dir, dtype=self.torch_dtype())
+
 
 @dataclass
 class TextConfig:
@@ -58,6 +69,19 @@ class TextConfig:
     num_samples: int = 8
     seqlen: int = 512
     seed: int = 0
+
+    def calibration_windows(self, tokenizer) -> torch.Tensor:
+        """``num_samples`` windows starting at documents (calibration)."""
+        documents = load_documents(self.source())
+        return calibration_windows(
+            tokenizer, documents, self.num_samples, self.seqlen, seed=self.seed
+        )
+
+    def evaluation_windows(self, tokenizer) -> torch.Tensor:
+        """The first ``num_samples`` non-overlapping windows (evaluation)."""
+        return evaluation_windows(
+            tokenizer, load_text(self.source()), self.seqlen, self.num_samples
+        )
 
     def source(self) -> TextSource:
         return TextSource(

@@ -20,13 +20,6 @@ from loguru import logger
 from omegaconf import OmegaConf
 
 from iq_transform.cli.config import QuantizeConfig, register_configs
-from iq_transform.data import (
-    calibration_windows,
-    evaluation_windows,
-    load_documents,
-    load_text,
-)
-from iq_transform.models import load_model
 from iq_transform.pipeline import apply_recipe, evaluate, recipe_yaml, resolve_recipe
 
 register_configs()
@@ -35,26 +28,11 @@ register_configs()
 def run_quantize(config: QuantizeConfig, output_dir: Path) -> dict:
     """The whole job; returns what it writes to ``results.json``."""
     recipe = resolve_recipe(config.recipe)
-    model, tokenizer = load_model(
-        config.model.spec,
-        cache_dir=config.model.cache_dir,
-        dtype=config.model.torch_dtype(),
-    )
-    windows = evaluation_windows(
-        tokenizer,
-        load_text(config.eval.source()),
-        seqlen=config.eval.seqlen,
-        num_windows=config.eval.num_samples,
-    )
+    model, tokenizer = config.model.load()
+    windows = config.eval.evaluation_windows(tokenizer)
     oneshot_seconds = spikefree_seconds = None
     if recipe is not None:
-        calibration = calibration_windows(
-            tokenizer,
-            load_documents(config.data.source()),
-            num_samples=config.data.num_samples,
-            seqlen=config.data.seqlen,
-            seed=config.data.seed,
-        )
+        calibration = config.data.calibration_windows(tokenizer)
         oneshot_seconds, spikefree_seconds = apply_recipe(
             model, tokenizer, recipe, calibration, pipeline=config.pipeline
         )
