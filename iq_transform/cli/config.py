@@ -10,7 +10,14 @@ from dataclasses import dataclass, field
 
 import torch
 from hydra.core.config_store import ConfigStore
+from omegaconf import OmegaConf
 
+from iq_transform.compose import (
+    QuantConfig,
+    StagesConfig,
+    TransformConfig,
+    recipe_label,
+)
 from iq_transform.data import (
     TextSource,
     calibration_windows,
@@ -114,8 +121,12 @@ class AnalyzeConfig:
 class QuantizeConfig:
     """``iq-quantize``: oneshot with a recipe, then WikiText-2 perplexity.
 
-    :param recipe: a name in ``recipes/`` (e.g. ``w8a8_static_spikefree``), a YAML
-        path, or ``none`` for the unquantized model
+    :param quant: weight/activation formats (``conf/quant``)
+    :param transform: SpikeFree or none (``conf/transform``)
+    :param stages: SmoothQuant / QuIP / RTN / GPTQ (``conf/stages``)
+    :param recipe: ``null`` composes the recipe from quant, transform and stages;
+        else a name in ``recipes/`` (e.g. ``w8a8_static_spikefree``), a YAML path,
+        or ``none`` for the unquantized model (the groups are then ignored)
     :param pipeline: llm-compressor pipeline (``independent``, ``sequential``,
         ``basic``)
     :param output_dir: where results.json and recipe.yaml go (default: run dir)
@@ -124,10 +135,19 @@ class QuantizeConfig:
     model: ModelConfig = field(default_factory=ModelConfig)
     data: TextConfig = field(default_factory=TextConfig)
     eval: TextConfig = field(default_factory=TextConfig)
-    recipe: str | None = "w8a8_static_spikefree"
+    quant: QuantConfig = field(default_factory=QuantConfig)
+    transform: TransformConfig = field(default_factory=TransformConfig)
+    stages: StagesConfig = field(default_factory=StagesConfig)
+    recipe: str | None = None
     pipeline: str = "independent"
     output_dir: str | None = None
     progress: bool = True
+
+    def recipe_label(self) -> str:
+        """The recipe given, else ``<quant>+<stages>+<transform>``."""
+        return recipe_label(
+            self.recipe, self.quant.name, self.stages.name, self.transform.name
+        )
 
 
 def register_configs() -> None:
@@ -136,3 +156,5 @@ def register_configs() -> None:
     store = ConfigStore.instance()
     store.store(name="analyze_schema", node=AnalyzeConfig)
     store.store(name="quantize_schema", node=QuantizeConfig)
+    # ${iq_recipe_label:${recipe},${quant.name},${stages.name},${transform.name}}
+    OmegaConf.register_new_resolver("iq_recipe_label", recipe_label, replace=True)

@@ -1,34 +1,69 @@
 """``iq-quantize``: load a model, oneshot it with a recipe, measure perplexity.
 
-Writes ``results.json`` (model, recipe, every parameter, perplexity, oneshot /
-SpikeFree / evaluation wall time, spike tokens detected during evaluation) and the
-recipe as ``recipe.yaml`` into the run directory.
+The recipe is composed from the config groups ``quant``, ``transform`` and
+``stages`` (:func:`iq_transform.compose.compose_recipe`) unless ``recipe=`` names a
+YAML. Writes ``results.json`` (model, recipe and its groups, every parameter,
+perplexity, oneshot / SpikeFree / evaluation wall time, spike tokens detected during
+evaluation, ``status``) and the recipe as ``recipe.yaml`` into the run directory.
+In a multirun (``-m``) a failing job writes ``results.json`` with ``"status":
+"failed"``, the error and its traceback, and the sweep goes on.
 
 Example::
 
-    iq-quantize recipe=w8a8_static_spikefree model=gemma3-270m
+    iq-quantize quant=w8a8_static transform=spikefree stages=gptq model=gemma3-270m
+    iq-quantize -m transform=none,spikefree quant=w8a8_static,w8a8_dynamic
 """
 
 from __future__ import annotations
 
 import json
+import traceback
 from pathlib import Path
 
 import hydra
 from hydra.core.hydra_config import HydraConfig
+from hydra.types import RunMode
 from loguru import logger
-from omegaconf import OmegaConf
+from omegaconf import DictConfig, OmegaConf
 
+from iq_transform.arch import get_arch_spec
 from iq_transform.cli.config import QuantizeConfig, register_configs
+from iq_transform.compose import check_group_size, compose_recipe
 from iq_transform.pipeline import apply_recipe, evaluate, recipe_yaml, resolve_recipe
 
 register_configs()
 
 
+def run_info(config: QuantizeConfig) -> dict:
+    """What identifies a run in ``results.json`` (the same for failed runs).
+
+    :param config: the run's configuration
+    """
+    composed = config.recipe is None
+    return {
+        "model": config.model.spec,
+        "recipe": config.recipe_label(),
+        "quant": config.quant.name if composed else None,
+        "transform": config.transform.name if composed else None,
+        "stages": config.stages.name if composed else None,
+        "config": OmegaConf.to_container(OmegaConf.structured(config)),
+    }
+
+
 def run_quantize(config: QuantizeConfig, output_dir: Path) -> dict:
-    """The whole job; returns what it writes to ``results.json``."""
-    recipe = resolve_recipe(config.recipe)
+    """The whole job; returns what it writes to ``results.json``.
+
+    :param config: the run's configuration
+    :param output_dir: where ``results.json`` and ``recipe.yaml`` go
+    """
+    recipe_path = resolve_recipe(config.recipe) if config.recipe else None
     model, tokenizer = config.model.load()
+    recipe = recipe_path
+    if config.recipe is None:
+        recipe = compose_recipe(
+            config.quant, config.transform, config.stages, get_arch_spec(model)
+        )
+        check_group_size(model, config.quant)
     windows = config.eval.evaluation_windows(tokenizer)
     oneshot_seconds = spikefree_seconds = None
     if recipe is not None:
@@ -38,10 +73,9 @@ def run_quantize(config: QuantizeConfig, output_dir: Path) -> dict:
         )
     result, eval_seconds, spikes = evaluate(model, windows, progress=config.progress)
     results = {
-        "model": config.model.spec,
-        "recipe": config.recipe,
-        "recipe_path": str(recipe) if recipe else None,
-        "config": OmegaConf.to_container(OmegaConf.structured(config)),
+        **run_info(config),
+        "status": "ok",
+        "recipe_path": str(recipe_path) if recipe_path else None,
         "ppl": result.ppl,
         "eval": result.to_dict(),
         "oneshot_seconds": oneshot_seconds,
@@ -49,20 +83,53 @@ def run_quantize(config: QuantizeConfig, output_dir: Path) -> dict:
         "eval_seconds": eval_seconds,
         "spike_tokens_in_eval": spikes,
     }
-    output_dir.mkdir(parents=True, exist_ok=True)
-    (output_dir / "results.json").write_text(json.dumps(results, indent=1))
+    write_results(output_dir, results)
     if recipe is not None:
         (output_dir / "recipe.yaml").write_text(recipe_yaml(recipe))
     print(
-        f"{config.model.spec} | {config.recipe} | WikiText-2 PPL {result.ppl:.3f} "
-        f"({result.num_windows}x{result.seqlen})"
+        f"{config.model.spec} | {config.recipe_label()} | WikiText-2 PPL "
+        f"{result.ppl:.3f} ({result.num_windows}x{result.seqlen})"
     )
-    logger.info(f"wrote {output_dir / 'results.json'}")
     return results
 
 
+def write_failure(output_dir: Path, config: QuantizeConfig, error: Exception) -> dict:
+    """``results.json`` of a failed run: ``status``, error and traceback.
+
+    :param output_dir: the run directory
+    :param config: the run's configuration
+    :param error: what the run raised
+    """
+    results = {
+        **run_info(config),
+        "status": "failed",
+        "error": f"{type(error).__name__}: {error}",
+        "traceback": traceback.format_exc(),
+    }
+    write_results(output_dir, results)
+    logger.error(f"{config.recipe_label()} failed: {results['error']}")
+    return results
+
+
+def write_results(output_dir: Path, results: dict) -> None:
+    """Write ``results.json`` into ``output_dir``."""
+    output_dir.mkdir(parents=True, exist_ok=True)
+    (output_dir / "results.json").write_text(json.dumps(results, indent=1))
+    logger.info(f"wrote {output_dir / 'results.json'}")
+
+
+def is_multirun() -> bool:
+    """Whether this job is one of a ``-m`` sweep."""
+    return HydraConfig.initialized() and HydraConfig.get().mode == RunMode.MULTIRUN
+
+
 @hydra.main(version_base="1.3", config_path="../conf", config_name="quantize")
-def main(config) -> None:
+def main(config: DictConfig) -> None:
     typed: QuantizeConfig = OmegaConf.to_object(config)
     output_dir = Path(typed.output_dir or HydraConfig.get().runtime.output_dir)
-    run_quantize(typed, output_dir)
+    try:
+        run_quantize(typed, output_dir)
+    except Exception as error:
+        if not is_multirun():
+            raise
+        write_failure(output_dir, typed, error)
