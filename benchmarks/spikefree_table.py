@@ -144,6 +144,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument(
         "--rows", nargs="*", default=None, help="substrings of row names to keep"
     )
+    parser.add_argument(
+        "--exclude", nargs="*", default=[], help="row names to leave out"
+    )
     parser.add_argument("--calib-samples", type=int, default=16)
     parser.add_argument("--eval-windows", type=int, default=8)
     parser.add_argument("--seqlen", type=int, default=512)
@@ -156,7 +159,8 @@ def main(argv: list[str] | None = None) -> None:
     names = [
         name
         for name in rows
-        if args.rows is None or any(part in name for part in args.rows)
+        if (args.rows is None or any(part in name for part in args.rows))
+        and name not in args.exclude
     ]
     results = []
     for spec in args.models:

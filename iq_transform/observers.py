@@ -56,4 +56,22 @@ class SpikeFreeStaticMinMaxObserver(_DropsSpikeRows, StaticMinMaxObserver):
 
 @Observer.register("spikefree_mse")
 class SpikeFreeMSEObserver(_DropsSpikeRows, MovingAverageMSEObserver):
-    """``mse`` (MSE-optimal clipping, moving average) over non-spike rows."""
+    """MSE-optimal clipping range of each batch's non-spike rows, averaged evenly
+    over batches.
+
+    llm-compressor's ``mse`` smooths with a 0.01 moving average that starts from the
+    first batch, so with 16 shuffled batches the first one carries ~85 % of the
+    weight and scales change from run to run; an even mean does not.
+    """
+
+    def update_statistics_from_observed(self, observed: torch.Tensor) -> None:
+        if not hasattr(self, "min_vals"):
+            self.batches_seen = 0
+        previous = (self.min_vals, self.max_vals) if self.batches_seen else None
+        self.avg_constant = 1.0  # the parent then stores this batch's range alone
+        super().update_statistics_from_observed(observed)
+        self.batches_seen += 1
+        if previous is not None:
+            weight = 1.0 / self.batches_seen
+            self.min_vals = torch.lerp(previous[0], self.min_vals, weight)
+            self.max_vals = torch.lerp(previous[1], self.max_vals, weight)

@@ -244,3 +244,34 @@ def test_unknown_architecture_is_a_clear_error(calibration, fresh):
     model.config.model_type = "mystery"
     with pytest.raises(ValueError, match="Unknown architecture.*mystery"):
         apply_recipe(model, tokenizer, [SpikeFreeModifier()], calibration)
+
+
+def test_spikefree_mse_averages_batches_evenly_and_drops_spike_rows():
+    from compressed_tensors.quantization import QuantizationArgs
+
+    from iq_transform.observers import SpikeFreeMSEObserver
+    from iq_transform.runtime import _set_active_rows
+
+    args = QuantizationArgs(num_bits=8, type="int", strategy="tensor", symmetric=True)
+    torch.manual_seed(0)
+    batches = [torch.randn(1, 64, 16) * scale for scale in (1.0, 2.0, 4.0)]
+    alone = []
+    for batch in batches:
+        single = SpikeFreeMSEObserver(base_name="input", args=args)
+        single(batch)
+        alone.append(single.max_vals.clone())
+    observer = SpikeFreeMSEObserver(base_name="input", args=args)
+    for batch in batches:
+        observer(batch)
+    torch.testing.assert_close(observer.max_vals, torch.stack(alone).mean(0))
+    spiky = batches[0].clone()
+    spiky[0, 0] = 1000.0
+    rows = torch.zeros(1, 64, dtype=torch.bool)
+    rows[0, 0] = True
+    clean = SpikeFreeMSEObserver(base_name="input", args=args)
+    _set_active_rows(rows)
+    try:
+        clean(spiky)
+    finally:
+        _set_active_rows(None)
+    assert clean.max_vals.max() < 10.0
