@@ -427,20 +427,24 @@ class SpikeFreeRuntime:
         """Turn every layer's statistics into templates.
 
         A layer *carries* spikes when at least ``min_fraction`` of the calibration
-        sequences had carriers in its input. Spikes are created by the ``down_proj``
-        of the layer before a run of carrier layers and removed by the last
-        carrier layer's; a layer whose ``down_proj`` input itself shows token spikes
-        that often is a ``down_proj`` site too. ``down_proj_layers`` overrides.
+        sequences had carriers in its input. Its carriers' MLP input is a constant
+        norm template, so their MLP output is constant too: every carrier layer's
+        ``down_proj`` gets an output template (this is where spikes are removed).
+        So does the layer just before a run of carrier layers (where spikes are
+        created) and any layer whose ``down_proj`` input shows token spikes that
+        often. ``down_proj_layers`` overrides.
         """
         stats = [layer.statistics for layer in self.layers]
         carries = [s.carrier_fraction() >= min_fraction for s in stats]
         if down_proj_layers is not None:
             down = [index in down_proj_layers for index in range(len(stats))]
         else:
-            down = [s.down_spike_fraction() >= min_fraction for s in stats]
-            for index in range(len(stats)):
-                after = carries[index + 1] if index + 1 < len(stats) else False
-                if carries[index] != after:  # a carrier run starts or ends here
+            down = [
+                layer_carries or s.down_spike_fraction() >= min_fraction
+                for s, layer_carries in zip(stats, carries, strict=True)
+            ]
+            for index in range(len(stats) - 1):
+                if carries[index + 1] and not carries[index]:  # a run starts
                     down[index] = True
         for layer, layer_carries, layer_down in zip(
             self.layers, carries, down, strict=True

@@ -42,7 +42,7 @@ def calibrated(calibration):
 def test_sites_are_found_where_planted(calibrated):
     templates = get_runtime(calibrated[0]).templates
     assert templates.carrier_layers == [2, 3, 4]
-    assert templates.down_proj_layers == [1, 4]
+    assert templates.down_proj_layers == [1, 2, 3, 4]
     for index in (2, 3, 4):
         assert torch.isfinite(templates.layers[index].residual_threshold)
     assert torch.isinf(templates.layers[0].residual_threshold)
@@ -182,7 +182,7 @@ def test_yaml_recipe_round_trip(calibration):
     assert "SpikeFreeModifier" in str(reparsed)
     model, tokenizer = load_model("tiny-planted")
     apply_recipe(model, tokenizer, path, calibration)
-    assert get_runtime(model).templates.down_proj_layers == [1, 4]
+    assert get_runtime(model).templates.down_proj_layers == [1, 2, 3, 4]
     assert hasattr(model.model.layers[1].mlp.down_proj, "input_scale")
 
 
