@@ -40,17 +40,20 @@ GROUPS = {
 @contextmanager
 def activations_unquantized(model: nn.Module, pattern: str):
     """Skip input quantization of the Linears matching ``pattern`` (weights stay)."""
+    # Schemes are shared between modules: give each affected module its own copy.
     saved = []
     for name, module in model.named_modules():
         scheme = getattr(module, "quantization_scheme", None)
         if scheme is not None and re.search(pattern, name):
-            saved.append((scheme, scheme.input_activations))
-            scheme.input_activations = None
+            saved.append((module, scheme))
+            module.quantization_scheme = scheme.model_copy(
+                update={"input_activations": None}
+            )
     try:
         yield len(saved)
     finally:
-        for scheme, args in saved:
-            scheme.input_activations = args
+        for module, scheme in saved:
+            module.quantization_scheme = scheme
 
 
 def main() -> None:
