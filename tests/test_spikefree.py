@@ -275,3 +275,15 @@ def test_spikefree_mse_averages_batches_evenly_and_drops_spike_rows():
     finally:
         _set_active_rows(None)
     assert clean.max_vals.max() < 10.0
+
+
+@pytest.mark.parametrize("stage", ["QuIPModifier", "SmoothQuantModifier"])
+def test_spikefree_after_a_rotation_or_smoothing_is_a_clear_error(
+    calibration, fresh, stage
+):
+    from llmcompressor.modifiers import transform
+
+    model, tokenizer = fresh
+    before = getattr(transform, stage)()
+    with pytest.raises(SpikeFreeOrderError, match=f"placed after {stage}"):
+        apply_recipe(model, tokenizer, [before, SpikeFreeModifier()], calibration)
