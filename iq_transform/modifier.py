@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import itertools
 import time
-from collections.abc import Iterable
 
 import torch
 from llmcompressor.core import Event, State, active_session
@@ -181,7 +180,9 @@ class SpikeFreeModifier(Modifier):
     def _calibration_batches(self, state: State) -> list[dict]:
         calib = getattr(state.data, "calib", None)
         batches = (
-            [] if calib is None else list(_take(calib, self.num_calibration_samples))
+            []
+            if calib is None
+            else list(itertools.islice(calib, max(self.num_calibration_samples, 0)))
         )
         if not batches:
             raise ValueError(_NO_DATA)
@@ -218,10 +219,6 @@ def _check_not_quantized(model: nn.Module) -> None:
 
 
 ModifierFactory.register("SpikeFreeModifier", SpikeFreeModifier)
-
-
-def _take(batches: Iterable[dict], count: int) -> Iterable[dict]:
-    return itertools.islice(batches, max(count, 0))
 
 
 def run_calibration_forwards(

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import time
-from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
@@ -18,7 +17,6 @@ from iq_transform.runtime import get_runtime
 __all__ = [
     "RECIPES_DIR",
     "RecipeError",
-    "RunMeasurement",
     "resolve_recipe",
     "recipe_yaml",
     "apply_recipe",
@@ -31,22 +29,6 @@ NO_RECIPE = ("none", "fp32", "")
 
 class RecipeError(ValueError):
     """A recipe name or file that does not exist."""
-
-
-@dataclass
-class RunMeasurement:
-    """What one quantize-and-evaluate run measured."""
-
-    ppl: float
-    eval: dict
-    oneshot_seconds: float
-    spikefree_seconds: float | None
-    eval_seconds: float
-    spike_tokens_in_eval: int | None
-    extra: dict = field(default_factory=dict)
-
-    def to_dict(self) -> dict:
-        return asdict(self)
 
 
 def available_recipes() -> list[str]:

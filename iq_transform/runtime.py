@@ -92,15 +92,6 @@ def insert_templates(
     return output
 
 
-def _hooks_disabled() -> bool:
-    """True in llm-compressor's propagation pass (statistics must not count twice)."""
-    try:
-        from llmcompressor.modifiers.utils.hooks import HooksMixin
-    except ImportError:  # pragma: no cover - llmcompressor is a dependency
-        return False
-    return HooksMixin._HOOKS_DISABLED
-
-
 def _norm_epsilon(norm: nn.Module) -> float:
     return float(getattr(norm, "variance_epsilon", getattr(norm, "eps", 1e-6)))
 
@@ -196,9 +187,8 @@ class LayerRuntime:
         if self.collecting:
             carriers = carriers | self.runtime.still_carried(token_max)
             self.runtime.remember_carriers(token_max, carriers)
-            if not _hooks_disabled():
-                self._record_residual(token_max, carriers, valid)
-        elif not self.collecting and not self.templates.norm_templates:
+            self._record_residual(token_max, carriers, valid)
+        elif not self.templates.norm_templates:
             carriers = torch.zeros_like(carriers)
         self.current = _Forward(valid=valid, kinds=kinds, carriers=carriers)
         self.runtime.note_spikes(carriers)
@@ -223,14 +213,13 @@ class LayerRuntime:
             if state is None or not bool(state.carriers.any()):
                 return None
             if self.collecting:
-                if not _hooks_disabled():
-                    normalized = _normalized(args[0], _norm_epsilon(module))
-                    self.statistics.add_rows(
-                        self.statistics.norm_sums[name],
-                        self.statistics.norm_counts[name],
-                        normalized[state.carriers],
-                        state.kinds[state.carriers],
-                    )
+                normalized = _normalized(args[0], _norm_epsilon(module))
+                self.statistics.add_rows(
+                    self.statistics.norm_sums[name],
+                    self.statistics.norm_counts[name],
+                    normalized[state.carriers],
+                    state.kinds[state.carriers],
+                )
                 return None
             template = self.templates.norm_templates.get(name)
             if template is None:
@@ -272,8 +261,7 @@ class LayerRuntime:
         self.runtime.note_spikes(rows)
         if self.collecting:
             output = down_proj(hidden)
-            if not _hooks_disabled():
-                self._record_down(token_max, detected, state, output, rows)
+            self._record_down(token_max, detected, state, output, rows)
             return output
         _set_active_rows(rows)
         try:
@@ -285,29 +273,13 @@ class LayerRuntime:
     # -- calibration statistics -------------------------------------------------
     def _record_residual(self, token_max, carriers, valid) -> None:
         stats = self.statistics
-        ordinary = token_max[valid & ~carriers]
-        if ordinary.numel():
-            stats.residual_max_ordinary = max(
-                stats.residual_max_ordinary, ordinary.max().item()
-            )
-        if carriers.any():
-            stats.residual_min_spike = min(
-                stats.residual_min_spike, token_max[carriers].min().item()
-            )
+        stats.residual_gap.update(token_max, valid & ~carriers, carriers)
         stats.sequences += valid.shape[0]
         stats.sequences_with_carriers += int(carriers.any(dim=-1).sum())
 
     def _record_down(self, token_max, detected, state, output, rows) -> None:
         stats = self.statistics
-        ordinary = token_max[state.valid & ~rows]
-        if ordinary.numel():
-            stats.down_max_ordinary = max(
-                stats.down_max_ordinary, ordinary.max().item()
-            )
-        if detected.any():
-            stats.down_min_spike = min(
-                stats.down_min_spike, token_max[detected].min().item()
-            )
+        stats.down_gap.update(token_max, state.valid & ~rows, detected)
         stats.sequences_with_down_spikes += int(detected.any(dim=-1).sum())
         if rows.any():
             stats.add_rows(
@@ -465,10 +437,6 @@ class SpikeFreeRuntime:
 
     def remember_carriers(self, token_max: torch.Tensor, carriers: torch.Tensor):
         self._previous = (token_max, carriers)
-
-    def layers_in(self, modules: list[nn.Module]) -> list[LayerRuntime]:
-        ids = {id(module) for module in modules}
-        return [layer for layer in self.layers if id(layer.layer) in ids]
 
     @property
     def templates(self) -> SpikeTemplates:

@@ -28,6 +28,7 @@ __all__ = [
     "MID_SEQUENCE",
     "LayerTemplates",
     "LayerStatistics",
+    "SpikeGap",
     "SpikeTemplates",
 ]
 
@@ -44,16 +45,13 @@ class LayerTemplates:
     :param down_threshold: the same for the ``down_proj`` input
     :param norm_templates: per norm name, (kinds, hidden) pre-weight templates
     :param down_template: (kinds, hidden) ``down_proj`` output template, or ``None``
-        when this layer neither creates nor removes spikes
-    :param template_counts: (kinds,) how many spike tokens each kind was averaged
-        over at this layer (0: that kind falls back to the other kind)
+        when this layer neither carries, creates nor removes spikes
     """
 
     residual_threshold: torch.Tensor
     down_threshold: torch.Tensor
     norm_templates: dict[str, torch.Tensor] = field(default_factory=dict)
     down_template: torch.Tensor | None = None
-    template_counts: torch.Tensor | None = None
 
     @property
     def carries_spikes(self) -> bool:
@@ -70,12 +68,28 @@ def _fill_missing_kinds(sums: torch.Tensor, counts: torch.Tensor) -> torch.Tenso
     return means
 
 
-def _threshold(max_ordinary: float, min_spike: float) -> float:
-    """Geometric middle of the gap between ordinary and spike token maxima; ``inf``
-    when they overlap (no absolute threshold separates them)."""
-    if math.isinf(min_spike) or min_spike <= max_ordinary:
-        return math.inf
-    return math.sqrt(max(max_ordinary, 1e-12) * min_spike)
+@dataclass
+class SpikeGap:
+    """The gap between ordinary and spike tokens' max |x| at one site; its
+    geometric middle is the absolute threshold used when no median exists."""
+
+    max_ordinary: float = 0.0
+    min_spike: float = math.inf
+
+    def update(
+        self, token_max: torch.Tensor, ordinary: torch.Tensor, spikes: torch.Tensor
+    ) -> None:
+        """Widen by the tokens selected by the ``ordinary`` and ``spikes`` masks."""
+        if ordinary.any():
+            self.max_ordinary = max(self.max_ordinary, token_max[ordinary].max().item())
+        if spikes.any():
+            self.min_spike = min(self.min_spike, token_max[spikes].min().item())
+
+    def threshold(self) -> float:
+        """``inf`` when the two overlap (no absolute threshold separates them)."""
+        if math.isinf(self.min_spike) or self.min_spike <= self.max_ordinary:
+            return math.inf
+        return math.sqrt(max(self.max_ordinary, 1e-12) * self.min_spike)
 
 
 class LayerStatistics:
@@ -89,10 +103,8 @@ class LayerStatistics:
         }
         self.down_sums = zeros()
         self.down_counts = torch.zeros(len(KINDS), dtype=torch.float64)
-        self.residual_max_ordinary = 0.0
-        self.residual_min_spike = math.inf
-        self.down_max_ordinary = 0.0
-        self.down_min_spike = math.inf
+        self.residual_gap = SpikeGap()
+        self.down_gap = SpikeGap()
         self.sequences = 0
         self.sequences_with_carriers = 0
         self.sequences_with_down_spikes = 0
@@ -122,14 +134,10 @@ class LayerStatistics:
         """
         templates = LayerTemplates(
             residual_threshold=torch.tensor(
-                _threshold(self.residual_max_ordinary, self.residual_min_spike)
-                if carries
-                else math.inf
+                self.residual_gap.threshold() if carries else math.inf
             ),
             down_threshold=torch.tensor(
-                _threshold(self.down_max_ordinary, self.down_min_spike)
-                if down_site
-                else math.inf
+                self.down_gap.threshold() if down_site else math.inf
             ),
         )
         if carries:
@@ -142,8 +150,6 @@ class LayerStatistics:
             templates.down_template = _fill_missing_kinds(
                 self.down_sums, self.down_counts
             ).float()
-        first_norm = next(iter(self.norm_counts.values()))
-        templates.template_counts = torch.maximum(first_norm, self.down_counts).float()
         return templates
 
 
