@@ -25,6 +25,7 @@ import types
 from dataclasses import dataclass
 
 import torch
+from llmcompressor.modeling.offset_norm import CalibrationOffsetNorm
 from loguru import logger
 from torch import nn
 
@@ -99,10 +100,6 @@ def _norm_epsilon(norm: nn.Module) -> float:
 def _effective_norm_weight(norm: nn.Module, arch: ArchSpec) -> torch.Tensor:
     """The factor the norm multiplies ``x / rms(x)`` by, as the module is *now*:
     llm-compressor swaps Gemma's ``(1 + w)`` norms for plain ``w`` ones in oneshot."""
-    try:
-        from llmcompressor.modeling.offset_norm import CalibrationOffsetNorm
-    except ImportError:  # pragma: no cover
-        CalibrationOffsetNorm = ()  # noqa: N806
     offset = 0.0 if isinstance(norm, CalibrationOffsetNorm) else arch.norm_weight_offset
     return norm.weight.float() + offset
 
