@@ -6,9 +6,10 @@ Registered with llm-compressor, so unchanged ``QuantizationModifier`` /
     input_activations: {num_bits: 8, type: int, strategy: tensor, dynamic: false,
                         symmetric: true, observer: spikefree_minmax}
 
-Each observer removes the rows the installed SpikeFree runtime flagged in the
-forward in flight (:func:`iq_transform.runtime.current_spike_rows`) before its
-parent computes statistics; without a runtime they behave exactly like their parent.
+Each observer removes the rows flagged for the forward in flight
+(:func:`iq_transform.rows.excluded_rows`: SpikeFree's spike tokens, or the
+PrefixQuant-style baseline's prefix) before its parent computes statistics; with
+nothing flagged they behave exactly like their parent.
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ from llmcompressor.observers import Observer
 from llmcompressor.observers.min_max import MinMaxObserver, StaticMinMaxObserver
 from llmcompressor.observers.mse import MovingAverageMSEObserver
 
-from iq_transform.runtime import current_spike_rows
+from iq_transform.rows import excluded_rows
 
 __all__ = [
     "SpikeFreeMinMaxObserver",
@@ -29,9 +30,10 @@ __all__ = [
 
 
 def drop_spike_rows(observed: torch.Tensor) -> torch.Tensor:
-    """``observed`` (batch, tokens, hidden) without the current spike rows, as
-    (rows, hidden); unchanged when no rows are flagged or shapes do not match."""
-    rows = current_spike_rows()
+    """``observed`` (batch, tokens, hidden) without the rows flagged for the forward
+    in flight, as (rows, hidden); unchanged when none are flagged or shapes do not
+    match."""
+    rows = excluded_rows()
     if rows is None or observed.dim() < 3 or rows.shape != observed.shape[:-1]:
         return observed
     if not bool(rows.any()):

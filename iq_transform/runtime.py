@@ -16,7 +16,8 @@ llm-compressor's layer-major sequential pipeline, shuffled data and padding):
 
 Plain torch hooks and an instance-level ``mlp.forward`` are used, not
 ``HooksMixin`` hooks, because they must act in llm-compressor's propagation pass
-too. Observers learn which rows to drop from :func:`current_spike_rows`.
+too. Observers learn which rows to drop from
+:func:`iq_transform.rows.excluded_rows`.
 """
 
 from __future__ import annotations
@@ -31,6 +32,8 @@ from torch import nn
 
 from iq_transform.arch import ArchSpec
 from iq_transform.detect import spike_token_mask
+from iq_transform.distributed import reduce_statistics
+from iq_transform.rows import set_excluded_rows
 from iq_transform.templates import (
     FIRST_TOKEN,
     MID_SEQUENCE,
@@ -41,7 +44,6 @@ from iq_transform.templates import (
 
 __all__ = [
     "insert_templates",
-    "current_spike_rows",
     "SpikeFreeRuntime",
     "get_runtime",
 ]
@@ -50,19 +52,6 @@ _RUNTIME_ATTRIBUTE = "_spikefree_runtime"
 # A carrier stays a carrier while its max |x| keeps at least this share of the
 # previous layer's: removal can take several layers (SmolLM2: 24.5k, 10k, 4.4k).
 CARRIER_DROP = 0.25
-# (batch, tokens) rows of the decoder layer whose forward is in flight; decoder
-# layers never run nested, so one slot is enough.
-_ACTIVE_ROWS: torch.Tensor | None = None
-
-
-def current_spike_rows() -> torch.Tensor | None:
-    """Spike rows (batch, tokens) of the forward in flight, for observers."""
-    return _ACTIVE_ROWS
-
-
-def _set_active_rows(rows: torch.Tensor | None) -> None:
-    global _ACTIVE_ROWS
-    _ACTIVE_ROWS = rows
 
 
 def insert_templates(
@@ -189,12 +178,12 @@ class LayerRuntime:
             carriers = torch.zeros_like(carriers)
         self.current = _Forward(valid=valid, kinds=kinds, carriers=carriers)
         self.runtime.note_spikes(carriers)
-        _set_active_rows(carriers)
+        set_excluded_rows(carriers)
         self._hook_norms()
 
     def _after_layer(self, module, args, output):
         self.current = None
-        _set_active_rows(None)
+        set_excluded_rows(None)
 
     def _hook_norms(self) -> None:
         """Hook the norms as they are *now* (oneshot swaps Gemma's temporarily)."""
@@ -260,11 +249,11 @@ class LayerRuntime:
             output = down_proj(hidden)
             self._record_down(token_max, detected, state, output, rows)
             return output
-        _set_active_rows(rows)
+        set_excluded_rows(rows)
         try:
             output = down_proj(hidden.masked_fill(rows.unsqueeze(-1), 0.0))
         finally:
-            _set_active_rows(state.carriers)
+            set_excluded_rows(state.carriers)
         return insert_templates(output, rows, state.kinds, self.templates.down_template)
 
     # -- calibration statistics -------------------------------------------------
@@ -402,8 +391,13 @@ class SpikeFreeRuntime:
         So does the layer just before a run of carrier layers (where spikes are
         created) and any layer whose ``down_proj`` input shows token spikes that
         often. ``down_proj_layers`` overrides.
+
+        Under ``torch.distributed`` the statistics are first all-reduced over the
+        ranks (:func:`~iq_transform.distributed.reduce_statistics`), so every rank
+        decides and finalizes on all ranks' calibration tokens alike.
         """
         stats = [layer.statistics for layer in self.layers]
+        reduce_statistics(stats)
         carries = [s.carrier_fraction() >= min_fraction for s in stats]
         if down_proj_layers is not None:
             down = [index in down_proj_layers for index in range(len(stats))]
@@ -459,7 +453,7 @@ class SpikeFreeRuntime:
             handle.remove()
         if getattr(self.model, _RUNTIME_ATTRIBUTE, None) is self:
             delattr(self.model, _RUNTIME_ATTRIBUTE)
-        _set_active_rows(None)
+        set_excluded_rows(None)
         logger.debug("SpikeFree runtime removed")
 
 

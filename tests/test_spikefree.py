@@ -250,7 +250,7 @@ def test_spikefree_mse_averages_batches_evenly_and_drops_spike_rows():
     from compressed_tensors.quantization import QuantizationArgs
 
     from iq_transform.observers import SpikeFreeMSEObserver
-    from iq_transform.runtime import _set_active_rows
+    from iq_transform.rows import set_excluded_rows
 
     args = QuantizationArgs(num_bits=8, type="int", strategy="tensor", symmetric=True)
     torch.manual_seed(0)
@@ -269,11 +269,11 @@ def test_spikefree_mse_averages_batches_evenly_and_drops_spike_rows():
     rows = torch.zeros(1, 64, dtype=torch.bool)
     rows[0, 0] = True
     clean = SpikeFreeMSEObserver(base_name="input", args=args)
-    _set_active_rows(rows)
+    set_excluded_rows(rows)
     try:
         clean(spiky)
     finally:
-        _set_active_rows(None)
+        set_excluded_rows(None)
     assert clean.max_vals.max() < 10.0
 
 
