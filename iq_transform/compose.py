@@ -1,20 +1,23 @@
 """Compose an llm-compressor recipe from three small choices.
 
-``quant`` (weight and activation formats), ``transform`` (SpikeFree or none) and
-``stages`` (RTN or GPTQ weights, optionally behind SmoothQuant or a QuIP rotation)
-mirror the Hydra config groups ``conf/quant``, ``conf/transform`` and
-``conf/stages``. The chain is always::
+``quant`` (weight and activation formats), ``transform`` (SpikeFree, the
+PrefixQuant-style or QFeM-style baseline, or none) and ``stages`` (RTN or GPTQ
+weights, optionally behind SmoothQuant or a QuIP rotation) mirror the Hydra config
+groups ``conf/quant``, ``conf/transform`` and ``conf/stages``. The chain is always::
 
-    SpikeFreeModifier -> SmoothQuantModifier -> QuIPModifier -> quantizer
+    SpikeFreeModifier | PrefixQuantModifier -> SmoothQuantModifier -> QuIPModifier
+        -> quantizer
 
-with the stages that are not chosen left out. With SpikeFree and static activation
-scales, the static observer becomes its ``spikefree_*`` counterpart.
+with the stages that are not chosen left out. With SpikeFree or a prefix and static
+activation scales, the static observer becomes its ``spikefree_*`` counterpart
+(which drops the rows they flag). The baselines measure the model first
+(:class:`TransformPlan`): QFeM's spiky linears join ``ignore``.
 """
 
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 from loguru import logger
 from torch import nn
@@ -27,6 +30,7 @@ __all__ = [
     "QuantConfig",
     "TransformConfig",
     "StagesConfig",
+    "TransformPlan",
     "SPIKEFREE_OBSERVERS",
     "check_group_size",
     "compose_recipe",
@@ -41,7 +45,9 @@ SPIKEFREE_OBSERVERS = {
     "static_minmax": "spikefree_static_minmax",
     "mse": "spikefree_mse",
 }
-TRANSFORM_METHODS = ("none", "spikefree")
+TRANSFORM_METHODS = ("none", "spikefree", "prefix", "qfem")
+# Transforms whose flagged rows the spikefree_* observers drop.
+ROW_EXCLUDING_METHODS = ("spikefree", "prefix")
 ROTATIONS = (None, "quip")
 WEIGHT_ALGORITHMS = ("rtn", "gptq")
 
@@ -85,11 +91,16 @@ class TransformConfig:
     """What makes activations quantizable first (``conf/transform/*.yaml``).
 
     :param name: the option's name, recorded in results and reports
-    :param method: ``none`` or ``spikefree`` (:class:`SpikeFreeModifier`)
-    :param ratio: SpikeFree's spike-token ratio to the median token max
-    :param num_calibration_samples: batches SpikeFree calibrates on
+    :param method: ``none``, ``spikefree`` (:class:`SpikeFreeModifier`),
+        ``prefix`` (PrefixQuant-style full-precision prefix) or ``qfem`` (QFeM-style
+        unquantized spiky linears)
+    :param ratio: spike-token ratio to the median token max (SpikeFree's spike
+        tokens, the prefix's outlier tokens, QFeM's threshold)
+    :param num_calibration_samples: calibration windows SpikeFree calibrates on,
+        or the baselines scan
     :param min_fraction: fraction of sequences that must show a spike at a layer
     :param norm_templates: insert norm-output templates (else ``down_proj`` only)
+    :param max_prefix_tokens: the longest PrefixQuant-style prefix
     """
 
     name: str = "spikefree"
@@ -98,6 +109,19 @@ class TransformConfig:
     num_calibration_samples: int = 4
     min_fraction: float = 0.25
     norm_templates: bool = True
+    max_prefix_tokens: int = 4
+
+
+@dataclass
+class TransformPlan:
+    """What a baseline measured on the full-precision model before composing.
+
+    :param prefix_ids: PrefixQuant-style prefix token ids (empty: no prefix)
+    :param unquantized: QFeM-style linears left unquantized
+    """
+
+    prefix_ids: list[int] = field(default_factory=list)
+    unquantized: list[str] = field(default_factory=list)
 
 
 @dataclass
@@ -131,19 +155,29 @@ def compose_recipe(
     transform: TransformConfig,
     stages: StagesConfig,
     arch: ArchSpec,
+    plan: TransformPlan | None = None,
 ) -> list:
     """The recipe (a list of llm-compressor modifiers) for one combination.
 
     :param quant: weight and activation formats
-    :param transform: SpikeFree or none
+    :param transform: SpikeFree, a baseline or none
     :param stages: SmoothQuant / QuIP / RTN / GPTQ choice
     :param arch: the model's layout (SmoothQuant mappings come from its
         ``norm_linears``)
-    :return: modifiers in order, SpikeFree first
+    :param plan: what the ``prefix`` / ``qfem`` baselines measured
+        (:func:`iq_transform.baselines.plan_transform`)
+    :return: modifiers in order, SpikeFree or the prefix first
     """
     _check_choices(transform, stages)
+    plan = plan or TransformPlan()
     spikefree = transform.method == "spikefree"
+    if transform.method == "qfem":
+        quant = replace(quant, ignore=[*quant.ignore, *plan.unquantized])
     recipe = []
+    if transform.method == "prefix" and plan.prefix_ids:
+        from iq_transform.baselines import PrefixQuantModifier
+
+        recipe.append(PrefixQuantModifier(prefix_ids=list(plan.prefix_ids)))
     if spikefree:
         from iq_transform.modifier import SpikeFreeModifier
 
@@ -170,7 +204,8 @@ def compose_recipe(
         recipe.append(
             QuIPModifier(transform_type=stages.rotation_type, ignore=list(quant.ignore))
         )
-    recipe.append(_quantizer(quant, stages, spikefree))
+    excludes_rows = transform.method in ROW_EXCLUDING_METHODS
+    recipe.append(_quantizer(quant, stages, excludes_rows))
     logger.debug(f"composed {[type(m).__name__ for m in recipe]}")
     return recipe
 
@@ -198,10 +233,11 @@ def check_group_size(model: nn.Module, quant: QuantConfig) -> None:
 
 
 def static_observer(observer: str, spikefree: bool) -> str:
-    """The observer of static activation scales, made spike-free with SpikeFree.
+    """The observer of static activation scales, made spike-free with SpikeFree
+    (or the prefix baseline, whose prefix rows it drops the same way).
 
     :param observer: an llm-compressor observer name (``minmax``, ``mse`` ...)
-    :param spikefree: whether SpikeFree runs first
+    :param spikefree: whether flagged rows are to be dropped
     :raises ComposeError: unknown observer, or one without a spike-free counterpart
     """
     from llmcompressor.observers import Observer

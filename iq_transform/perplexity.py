@@ -33,9 +33,13 @@ def perplexity(
     batch_size: int = 1,
     progress: bool = True,
     description: str = "perplexity",
+    prefix: list[int] | None = None,
 ) -> PerplexityResult:
     """Perplexity of ``model`` on ``windows`` (windows, seqlen), each scored alone.
 
+    :param prefix: token ids served as a full-precision KV cache in front of every
+        window (PrefixQuant-style): computed with quantization disabled, then the
+        window runs on top of it; only the windows' own tokens are scored
     :raises FloatingPointError: when the model produces NaN or inf logits
     """
     device = next(model.parameters()).device
@@ -43,7 +47,12 @@ def perplexity(
     batches = windows.split(batch_size)
     for batch in tqdm(batches, desc=description, disable=not progress, leave=False):
         batch = batch.to(device)
-        logits = model(input_ids=batch, use_cache=False).logits[:, :-1].float()
+        past = _prefix_cache(model, prefix, batch) if prefix else None
+        logits = (
+            model(input_ids=batch, past_key_values=past, use_cache=past is not None)
+            .logits[:, :-1]
+            .float()
+        )
         if not torch.isfinite(logits).all():
             raise FloatingPointError(
                 "The model produced NaN/inf logits; check the quantization settings "
@@ -62,3 +71,11 @@ def perplexity(
         num_windows=windows.shape[0],
         seqlen=windows.shape[1],
     )
+
+
+def _prefix_cache(model: nn.Module, prefix: list[int], batch: torch.Tensor):
+    from llmcompressor.utils.helpers import DisableQuantization
+
+    ids = torch.tensor(prefix, device=batch.device).expand(batch.shape[0], -1)
+    with DisableQuantization(model):
+        return model(input_ids=ids, use_cache=True).past_key_values

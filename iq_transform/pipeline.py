@@ -122,13 +122,19 @@ def _spikefree_seconds() -> float | None:
 
 
 def evaluate(
-    model: nn.Module, windows: torch.Tensor, progress: bool = True
+    model: nn.Module,
+    windows: torch.Tensor,
+    progress: bool = True,
+    prefix: list[int] | None = None,
 ) -> tuple[PerplexityResult, float, int | None]:
-    """Perplexity, wall seconds, and the spike tokens the runtime handled."""
+    """Perplexity, wall seconds, and the spike tokens the runtime handled.
+
+    :param prefix: a full-precision KV-cache prefix (PrefixQuant-style baseline)
+    """
     runtime = get_runtime(model)
     seen_before = runtime.spike_tokens_seen if runtime else None
     start = time.perf_counter()
-    result = perplexity(model, windows, progress=progress)
+    result = perplexity(model, windows, progress=progress, prefix=prefix)
     seconds = time.perf_counter() - start
     spikes = runtime.spike_tokens_seen - seen_before if runtime else None
     return result, seconds, spikes

@@ -135,8 +135,9 @@ def write_csv(runs: list[RunRow], path: Path) -> None:
 
 
 def markdown_report(runs: list[RunRow]) -> str:
-    """A Markdown table (rows: recipe / transform, columns: models; cells: PPL and
-    ratio to the dynamic per-token reference) and the list of failed runs.
+    """A Markdown table (rows: recipe / transform, columns: models; cells: PPL,
+    ratio to the dynamic per-token reference, oneshot seconds) and the list of
+    failed runs.
 
     :param runs: rows of :func:`collect_runs`
     """
@@ -151,7 +152,7 @@ def markdown_report(runs: list[RunRow]) -> str:
         row = [_cell(cells.get((recipe, transform, model))) for model in models]
         lines.append(f"| {recipe} | {transform} | " + " | ".join(row) + " |")
     text = "\n".join(lines) + "\n\nCells: WikiText-2 perplexity (ratio to the same "
-    text += "model's dynamic per-token run of the same stages).\n"
+    text += "model's dynamic per-token run of the same stages), oneshot wall time.\n"
     failed = [run for run in runs if run.status != "ok"]
     if failed:
         text += "\n## Failed runs\n\n"
@@ -264,7 +265,8 @@ def _cell(run: RunRow | None) -> str:
     if run.ppl is None:
         return "?"
     ratio = f" ({run.ratio:.3f}x)" if run.ratio is not None else ""
-    return f"{run.ppl:.3f}{ratio}"
+    seconds = f", {run.oneshot_seconds:.0f} s" if run.oneshot_seconds else ""
+    return f"{run.ppl:.3f}{ratio}{seconds}"
 
 
 def _one_line(text: str | None, limit: int = 300) -> str:

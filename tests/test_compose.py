@@ -14,13 +14,14 @@ from llmcompressor.recipe import Recipe
 from omegaconf import OmegaConf
 
 import iq_transform.cli.quantize  # noqa: F401  (registers the schemas)
-from iq_transform import SpikeFreeModifier
+from iq_transform import PrefixQuantModifier, SpikeFreeModifier
 from iq_transform.arch import GEMMA3, get_arch_spec
 from iq_transform.compose import (
     ComposeError,
     QuantConfig,
     StagesConfig,
     TransformConfig,
+    TransformPlan,
     check_group_size,
     compose_recipe,
     smoothquant_mappings,
@@ -52,7 +53,7 @@ def test_groups_have_the_documented_options():
         for fmt in ("w8a8", "fp8", "w4a8", "w4a4")
         for mode in ("static", "dynamic")
     )
-    assert options("transform") == ["none", "spikefree"]
+    assert options("transform") == ["none", "prefix", "qfem", "spikefree"]
     assert options("stages") == sorted(
         ["rtn", "gptq", "smoothquant_rtn", "smoothquant_gptq", "quip_rtn", "quip_gptq"]
     )
@@ -60,6 +61,8 @@ def test_groups_have_the_documented_options():
 
 def test_every_combination_composes(planted):
     arch = get_arch_spec(planted[0])
+    spiky = "model.layers.1.mlp.down_proj"
+    plan = TransformPlan(prefix_ids=[1, 13], unquantized=[spiky])
     combinations = itertools.product(
         options("quant"), options("transform"), options("stages")
     )
@@ -72,9 +75,12 @@ def test_every_combination_composes(planted):
             transform,
             stages,
         )
-        recipe = recipe_of(config, arch)
+        recipe = compose_recipe(
+            config.quant, config.transform, config.stages, arch, plan
+        )
         kinds = [type(m) for m in recipe]
         expected = [SpikeFreeModifier] if transform == "spikefree" else []
+        expected += [PrefixQuantModifier] if transform == "prefix" else []
         expected += [SmoothQuantModifier] if stages.startswith("smoothquant") else []
         expected += [QuIPModifier] if stages.startswith("quip") else []
         expected += [GPTQModifier if stages.endswith("gptq") else QuantizationModifier]
@@ -86,7 +92,7 @@ def test_every_combination_composes(planted):
         if quant.endswith("static"):
             assert activations.strategy == "tensor"
             assert activations.observer.startswith("spikefree_") is (
-                transform == "spikefree"
+                transform in ("spikefree", "prefix")
             )
         else:
             assert activations.strategy == "token"
@@ -95,6 +101,9 @@ def test_every_combination_composes(planted):
         assert weights.type == ("float" if quant.startswith("fp8") else "int")
         if quant.startswith("w4"):
             assert (weights.strategy, weights.group_size) == ("group", 128)
+        assert (spiky in recipe[-1].ignore) is (transform == "qfem")
+        if transform == "prefix":
+            assert recipe[0].prefix_ids == [1, 13]
         # the whole chain serializes into recipe.yaml
         assert type(recipe[-1]).__name__ in Recipe.from_modifiers(recipe).yaml()
 

@@ -27,8 +27,9 @@ from loguru import logger
 from omegaconf import DictConfig, OmegaConf
 
 from iq_transform.arch import get_arch_spec
+from iq_transform.baselines import plan_transform, with_prefix
 from iq_transform.cli.config import QuantizeConfig, register_configs
-from iq_transform.compose import check_group_size, compose_recipe
+from iq_transform.compose import TransformPlan, check_group_size, compose_recipe
 from iq_transform.pipeline import apply_recipe, evaluate, recipe_yaml, resolve_recipe
 
 register_configs()
@@ -58,20 +59,32 @@ def run_quantize(config: QuantizeConfig, output_dir: Path) -> dict:
     """
     recipe_path = resolve_recipe(config.recipe) if config.recipe else None
     model, tokenizer = config.model.load()
-    recipe = recipe_path
+    recipe, plan = recipe_path, TransformPlan()
+    calibration = None
     if config.recipe is None:
-        recipe = compose_recipe(
-            config.quant, config.transform, config.stages, get_arch_spec(model)
-        )
         check_group_size(model, config.quant)
+        calibration = config.data.calibration_windows(tokenizer)
+        plan = plan_transform(
+            config.transform, model, tokenizer, calibration, config.progress
+        )
+        recipe = compose_recipe(
+            config.quant, config.transform, config.stages, get_arch_spec(model), plan
+        )
     windows = config.eval.evaluation_windows(tokenizer)
     oneshot_seconds = spikefree_seconds = None
     if recipe is not None:
-        calibration = config.data.calibration_windows(tokenizer)
+        if calibration is None:
+            calibration = config.data.calibration_windows(tokenizer)
         oneshot_seconds, spikefree_seconds = apply_recipe(
-            model, tokenizer, recipe, calibration, pipeline=config.pipeline
+            model,
+            tokenizer,
+            recipe,
+            with_prefix(calibration, plan.prefix_ids),
+            pipeline=config.pipeline,
         )
-    result, eval_seconds, spikes = evaluate(model, windows, progress=config.progress)
+    result, eval_seconds, spikes = evaluate(
+        model, windows, progress=config.progress, prefix=plan.prefix_ids
+    )
     results = {
         **run_info(config),
         "status": "ok",
@@ -82,6 +95,8 @@ def run_quantize(config: QuantizeConfig, output_dir: Path) -> dict:
         "spikefree_calibration_seconds": spikefree_seconds,
         "eval_seconds": eval_seconds,
         "spike_tokens_in_eval": spikes,
+        "prefix_ids": plan.prefix_ids,
+        "unquantized": plan.unquantized,
     }
     write_results(output_dir, results)
     if recipe is not None:
