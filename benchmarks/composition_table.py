@@ -1,8 +1,10 @@
 """The composition table: recipes x {none, SpikeFree, PrefixQuant-style, QFeM-style}
 x {static per-tensor, dynamic per-token}, WikiText-2 PPL and oneshot wall time.
 
-One command runs every family as an ``iq-quantize`` multirun into one sweep folder
-(one subfolder per combination) and renders it with ``iq-report``::
+One command runs every family as an ``iq-quantize`` multirun (through the
+interpreter running this script, so a checkout on ``PYTHONPATH`` is what runs) into
+one sweep folder (one subfolder per combination) and renders it with
+``iq-report``::
 
     python benchmarks/composition_table.py --models smollm2-135m gemma3-270m
     python benchmarks/composition_table.py --families w8a8 --jobs 2
@@ -64,7 +66,9 @@ def main() -> None:
     for family in args.families:
         quant, stages = FAMILIES[family]
         command = [
-            "iq-quantize",
+            sys.executable,
+            "-m",
+            "iq_transform.cli.quantize",
             "-m",
             f"model={','.join(args.models)}",
             f"quant={quant}",
@@ -79,7 +83,9 @@ def main() -> None:
         ]
         print("+", " ".join(command), flush=True)
         subprocess.run(command, env=env, check=True)
-    subprocess.run(["iq-report", str(output)], check=True)
+    subprocess.run(
+        [sys.executable, "-m", "iq_transform.cli.report", str(output)], check=True
+    )
     print((output / "results.md").read_text())
 
 

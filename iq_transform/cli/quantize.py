@@ -148,3 +148,7 @@ def main(config: DictConfig) -> None:
         if not is_multirun():
             raise
         write_failure(output_dir, typed, error)
+
+
+if __name__ == "__main__":
+    main()
