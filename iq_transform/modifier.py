@@ -28,7 +28,8 @@ _DOWNSTREAM_STAGES = (
     "QuIPModifier",
     "SpinQuantModifier",
 )
-
+# Stages that move the residual stream into another basis after SpikeFree calibrated.
+_BASIS_CHANGING_STAGES = ("SpinQuantModifier",)
 
 _NO_DATA = (
     "SpikeFreeModifier needs calibration data to find spike tokens and compute "
@@ -192,6 +193,16 @@ class SpikeFreeModifier(Modifier):
         modifiers = list(active_session().lifecycle.recipe.modifiers)
         if self not in modifiers:
             return
+        after = modifiers[modifiers.index(self) + 1 :]
+        if any(type(m).__name__ in _BASIS_CHANGING_STAGES for m in after):
+            raise SpikeFreeOrderError(
+                "SpinQuantModifier after SpikeFreeModifier is not supported: it "
+                "centers the embeddings, fuses norm weights into the linears and "
+                "rotates the residual stream, so spike tokens and their templates "
+                "move to another basis after SpikeFree calibrated them. Use "
+                "QuIPModifier for the rotation (online input rotations; the "
+                "templates stay valid, see tests/test_stages.py)."
+            )
         before = modifiers[: modifiers.index(self)]
         offenders = [type(m).__name__ for m in before]
         offenders = [name for name in offenders if name in _DOWNSTREAM_STAGES]

@@ -1,0 +1,189 @@
+"""Templates stay valid through every downstream stage.
+
+The spike-free full-precision model (SpikeFree's runtime, no quantization) is
+compared before and after each stage that rewrites weights or norms: SmoothQuant
+divides norm weights, QuIP rotates every Linear input online and fuses the inverse
+into the weights, GPTQ / RTN rewrite weights. Planted spikes (BOS and a mid-sequence
+delimiter) make every template matter.
+"""
+
+import pytest
+import torch
+from llmcompressor.modifiers.transform import QuIPModifier, SpinQuantModifier
+from llmcompressor.modifiers.transform.smoothquant import SmoothQuantModifier
+
+from iq_transform import SpikeFreeModifier, SpikeFreeOrderError, get_runtime
+from iq_transform.arch import get_arch_spec
+from iq_transform.compose import (
+    QuantConfig,
+    StagesConfig,
+    TransformConfig,
+    compose_recipe,
+    smoothquant_mappings,
+)
+from iq_transform.data import TextSource, calibration_windows, load_documents
+from iq_transform.models import load_model
+from iq_transform.perplexity import perplexity
+from iq_transform.pipeline import apply_recipe
+from iq_transform.schemes import quantizer, weight_args
+
+
+@pytest.fixture(scope="module")
+def calibration():
+    _, tokenizer = load_model("tiny-planted")
+    documents = load_documents(TextSource(path="shared/brown/brown.txt"))[:200]
+    return calibration_windows(tokenizer, documents, num_samples=4, seqlen=128)
+
+
+@pytest.fixture(scope="module")
+def prompts(planted_windows):
+    """Two windows that start with BOS and hold the planted delimiter."""
+    return planted_windows
+
+
+def spike_free(calibration, *stages):
+    model, tokenizer = load_model("tiny-planted")
+    apply_recipe(model, tokenizer, [SpikeFreeModifier(), *stages], calibration)
+    return model
+
+
+def logits(model, prompts):
+    with torch.no_grad():
+        return model(input_ids=prompts).logits
+
+
+@pytest.fixture(scope="module")
+def reference(calibration, prompts):
+    """Logits and templates of the spike-free FP model before any stage."""
+    model = spike_free(calibration)
+    return logits(model, prompts), get_runtime(model).templates.state_dict()
+
+
+def smoothquant(model_for_arch):
+    arch = get_arch_spec(model_for_arch)
+    return SmoothQuantModifier(
+        smoothing_strength=0.8, mappings=smoothquant_mappings(arch)
+    )
+
+
+def test_prompts_carry_both_planted_spike_kinds(prompts, planted):
+    _, _, (bos, delimiter) = planted
+    assert (prompts[:, 0] == bos.token_id).all()
+    assert (prompts[:, 1:] == delimiter.token_id).any()
+
+
+@pytest.mark.parametrize("chain", ["smoothquant", "quip", "smoothquant+quip"])
+def test_function_preserving_stages_keep_the_spike_free_fp_model(
+    chain, calibration, prompts, reference
+):
+    fp_model, _ = load_model("tiny-planted")
+    stages = []
+    if "smoothquant" in chain:
+        stages.append(smoothquant(fp_model))
+    if "quip" in chain:
+        stages.append(QuIPModifier(transform_type="random-hadamard"))
+    model = spike_free(calibration, *stages)
+    reference_logits, reference_templates = reference
+
+    # the stage really rewrote the model ...
+    layer, fp_layer = model.model.layers[2], fp_model.model.layers[2]
+    if "smoothquant" in chain:
+        assert not torch.allclose(
+            layer.input_layernorm.weight, fp_layer.input_layernorm.weight
+        )
+    if "quip" in chain:
+        assert not torch.allclose(
+            layer.self_attn.q_proj.weight, fp_layer.self_attn.q_proj.weight
+        )
+    # ... the templates are the same tensors (stored before the norm weight) ...
+    templates = get_runtime(model).templates.state_dict()
+    assert templates.keys() == reference_templates.keys()
+    for key, tensor in templates.items():
+        torch.testing.assert_close(tensor, reference_templates[key], msg=key)
+    # ... and the spike-free FP model computes what it did before the stage
+    torch.testing.assert_close(
+        logits(model, prompts), reference_logits, rtol=1e-3, atol=1e-3
+    )
+
+
+@pytest.mark.parametrize("gptq", [False, True], ids=["rtn", "gptq"])
+def test_weight_quantizers_keep_templates_and_insert_them(
+    gptq, calibration, prompts, reference, planted
+):
+    """RTN / GPTQ rewrite weights but no norm: templates are untouched, the spike
+    rows the quantized linears see are still the templates, and W8 weights keep
+    the spike-free model close to its FP self."""
+    stage = quantizer(weight_args("int", 8), None, gptq=gptq)
+    model = spike_free(calibration, stage)
+    reference_logits, reference_templates = reference
+    templates = get_runtime(model).templates
+    for key, tensor in templates.state_dict().items():
+        torch.testing.assert_close(tensor, reference_templates[key], msg=key)
+
+    seen = {}
+    q_proj = model.model.layers[3].self_attn.q_proj
+    handle = q_proj.register_forward_pre_hook(
+        lambda module, args: seen.setdefault("input", args[0].detach().clone())
+    )
+    try:
+        quantized_logits = logits(model, prompts)
+    finally:
+        handle.remove()
+    norm = model.model.layers[3].input_layernorm
+    expected = templates.layers[3].norm_templates["input_layernorm"][0] * norm.weight
+    torch.testing.assert_close(seen["input"][:, 0], expected.expand(len(prompts), -1))
+    drift = (quantized_logits - reference_logits).abs().max()
+    assert drift < 0.05 * reference_logits.abs().max()
+
+
+def test_spikefree_before_spinquant_is_a_clear_error(calibration):
+    model, tokenizer = load_model("tiny-planted")
+    with pytest.raises(SpikeFreeOrderError, match="SpinQuantModifier"):
+        apply_recipe(
+            model,
+            tokenizer,
+            [SpikeFreeModifier(), SpinQuantModifier(rotations=["R1"])],
+            calibration,
+        )
+
+
+CHAINS = ["rtn", "gptq", "smoothquant_rtn", "smoothquant_gptq", "quip_rtn", "quip_gptq"]
+
+
+@pytest.mark.parametrize("stages", CHAINS)
+@pytest.mark.parametrize("quant", ["w8a8", "w4a8", "w4a4"])
+def test_every_chain_runs_end_to_end_behind_spikefree(
+    stages, quant, calibration, prompts
+):
+    from hydra import compose, initialize_config_module
+    from omegaconf import OmegaConf
+
+    import iq_transform.cli.quantize  # noqa: F401  (registers the schemas)
+
+    with initialize_config_module(
+        config_module="iq_transform.conf", version_base="1.3"
+    ):
+        config = OmegaConf.to_object(
+            compose(
+                config_name="quantize",
+                overrides=[
+                    f"quant={quant}_static",
+                    f"stages={stages}",
+                    "transform=spikefree",
+                    "quant.group_size=32",
+                ],
+            )
+        )
+    model, tokenizer = load_model("tiny-planted")
+    recipe = compose_recipe(
+        config.quant, config.transform, config.stages, get_arch_spec(model)
+    )
+    apply_recipe(model, tokenizer, recipe, calibration)
+    runtime = get_runtime(model)
+    assert runtime.templates.down_proj_layers == [1, 2, 3, 4]
+    result = perplexity(model, prompts, progress=False)
+    assert 1.0 < result.ppl < 1e4
+    assert runtime.last_spike_tokens[:, 0].all()  # every BOS handled
+    assert isinstance(config.quant, QuantConfig)
+    assert isinstance(config.transform, TransformConfig)
+    assert isinstance(config.stages, StagesConfig)
