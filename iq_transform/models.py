@@ -14,6 +14,13 @@ Usage::
 
     model, tokenizer = load_model("smollm2-135m")
     model, tokenizer = load_model("/path/to/saved/model", dtype=torch.bfloat16)
+
+Models larger than one GPU (see :func:`load_model`'s ``device_map``)::
+
+    model, tokenizer = load_model(hub_id, dtype=torch.bfloat16)  # CPU memory
+    oneshot(model=model, ..., pipeline="sequential")  # one layer at a time on GPU
+    model, tokenizer = load_model(hub_id, device_map="auto_offload",
+                                  offload_folder="/scratch/offload")  # CPU + disk
 """
 
 from __future__ import annotations
@@ -23,7 +30,8 @@ import importlib.util
 import os
 import tempfile
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
+from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
@@ -39,6 +47,7 @@ from transformers import (
 )
 
 __all__ = [
+    "AUTO_OFFLOAD",
     "OFFLINE_MODELS",
     "TOY_MODEL",
     "ModelSpecError",
@@ -52,6 +61,8 @@ __all__ = [
 CACHE_ENV_VAR = "IQ_TRANSFORM_CACHE"
 # The planted-spike tiny Llama of :mod:`iq_transform.toy`, built from code.
 TOY_MODEL = "tiny-planted"
+# compressed-tensors' device map: CPU memory first, disk beyond it
+AUTO_OFFLOAD = "auto_offload"
 
 
 class ModelSpecError(ValueError):
@@ -121,6 +132,8 @@ def load_model(
     cache_dir: str | Path | None = None,
     dtype: torch.dtype = torch.float32,
     device_map: str | dict | None = None,
+    max_memory: Mapping[int | str, int | str] | None = None,
+    offload_folder: str | Path | None = None,
 ) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
     """
     Load a causal LM and its tokenizer, in eval mode.
@@ -129,10 +142,28 @@ def load_model(
     :param cache_dir: cache root for converted offline models, default
         :func:`default_cache_dir`
     :param dtype: dtype of the returned model
-    :param device_map: passed on to ``from_pretrained`` when given
+    :param device_map: where the weights are placed. ``None``: CPU memory, from
+        where llm-compressor's sequential pipeline (also used per modifier by the
+        independent one) onloads one decoder layer at a time to the GPU.
+        ``"auto"``: accelerate fills all GPUs, then CPU memory, then disk (for the
+        basic pipeline). :data:`AUTO_OFFLOAD`: compressed-tensors'
+        ``load_offloaded_model``, CPU memory then disk, for models larger than CPU
+        memory. A device (``"cpu"``, ``"cuda:0"``) or a module -> device dict is
+        passed on to ``from_pretrained`` as well
+    :param max_memory: per-device limits for ``"auto"`` / :data:`AUTO_OFFLOAD`,
+        e.g. ``{0: "70GiB", "cpu": "200GiB"}``; digit strings become ints (GPU
+        indices, byte counts)
+    :param offload_folder: where the weights that fit in no memory are written
     :return: ``(model, tokenizer)``
     :raises ModelSpecError: when the spec cannot be resolved or loaded
+    :raises ValueError: for ``max_memory`` or ``offload_folder`` without a
+        ``device_map``
     """
+    if device_map is None and (max_memory is not None or offload_folder is not None):
+        raise ValueError(
+            "max_memory and offload_folder only apply with a device_map; set "
+            f"device_map='auto' or '{AUTO_OFFLOAD}' (model.device_map=...)."
+        )
     source = resolve_model_dir(spec, cache_dir=cache_dir)
     if isinstance(source, str):
         _check_hub_id(source)
@@ -141,14 +172,46 @@ def load_model(
     kwargs = {"dtype": dtype}
     if device_map is not None:
         kwargs["device_map"] = device_map
-    model = AutoModelForCausalLM.from_pretrained(source, **kwargs)
+    if max_memory is not None:
+        kwargs["max_memory"] = _max_memory(max_memory)
+    if offload_folder is not None:
+        kwargs["offload_folder"] = str(Path(offload_folder).expanduser())
+    with _offloading(device_map):
+        model = AutoModelForCausalLM.from_pretrained(source, **kwargs)
     model.eval()
     tokenizer = AutoTokenizer.from_pretrained(source)
+    placement = f", device_map={device_map}" if device_map is not None else ""
     logger.info(
-        f"Loaded {spec} ({type(model).__name__}, {dtype}) from {source} "
+        f"Loaded {spec} ({type(model).__name__}, {dtype}{placement}) from {source} "
         f"in {time.perf_counter() - start:.1f} s"
     )
     return model, tokenizer
+
+
+def _offloading(device_map: str | dict | None) -> AbstractContextManager:
+    """compressed-tensors' loading context for :data:`AUTO_OFFLOAD` (it maps the
+    name to accelerate's ``"auto"`` over CPU and disk, then converts the model to
+    its own offloading); no context otherwise."""
+    if device_map != AUTO_OFFLOAD:
+        return nullcontext()
+    from compressed_tensors.offload import load_offloaded_model
+
+    return load_offloaded_model(AutoModelForCausalLM)
+
+
+def _max_memory(max_memory: Mapping) -> dict[int | str, int | str]:
+    """``max_memory`` as accelerate reads it: GPU indices and plain byte counts as
+    ints (config files and command lines may give them as strings)."""
+    if not isinstance(max_memory, Mapping):
+        raise ValueError(
+            f"max_memory={max_memory!r} must map devices to sizes, e.g. "
+            "{0: '70GiB', 'cpu': '200GiB'} (model.max_memory={0:70GiB,cpu:200GiB})."
+        )
+
+    def number_or_text(value: int | str) -> int | str:
+        return int(value) if str(value).isdigit() else value
+
+    return {number_or_text(k): number_or_text(v) for k, v in max_memory.items()}
 
 
 def resolve_model_dir(spec: str, cache_dir: str | Path | None = None) -> Path | str:

@@ -11,6 +11,7 @@ from loguru import logger
 from torch import nn
 from transformers import PreTrainedTokenizerBase
 
+from iq_transform.offload import onload_once_per_forward
 from iq_transform.perplexity import PerplexityResult, perplexity
 from iq_transform.runtime import get_runtime
 
@@ -104,6 +105,9 @@ def apply_recipe(
         pipeline=pipeline,
     )
     seconds = time.perf_counter() - start
+    # offloaded modules (big models, or any model loaded into CPU memory and
+    # calibrated on a GPU) must onload once per forward to use quantized weights
+    onload_once_per_forward(model)
     spikefree_seconds = _spikefree_seconds()
     logger.info(f"oneshot took {seconds:.1f} s")
     return seconds, spikefree_seconds

@@ -122,19 +122,3 @@ def test_a_single_failing_run_still_raises(tmp_path):
     assert result.returncode != 0
     assert "no spike-free counterpart" in result.stderr
     assert not (tmp_path / "run" / "results.json").exists()
-
-
-def test_joblib_launcher_runs_a_two_job_sweep(tmp_path):
-    sweep_dir = tmp_path / "multirun"
-    result = sweep(
-        sweep_dir,
-        "hydra/launcher=joblib",
-        "hydra.launcher.n_jobs=2",
-        "quant=w8a8_dynamic",
-        "transform=none,spikefree",
-    )
-    assert result.returncode == 0, result.stderr[-3000:]
-    assert "Joblib" in result.stderr + result.stdout
-    results = results_of(sweep_dir)
-    assert sorted(r["transform"] for r in results) == ["none", "spikefree"]
-    assert all(r["status"] == "ok" for r in results)

@@ -7,6 +7,7 @@ wrong types with a message that names them.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 from hydra.core.config_store import ConfigStore
@@ -42,11 +43,25 @@ class ModelConfig:
     :param dtype: torch dtype name the model is loaded in
     :param cache_dir: where converted offline models are cached (default:
         ``$IQ_TRANSFORM_CACHE`` or ``~/.cache/iq_transform``)
+    :param device_map: where the weights go (see
+        :func:`iq_transform.models.load_model`): ``null`` loads into CPU memory
+        and the sequential / independent pipelines onload one decoder layer at a
+        time to the GPU (models larger than one GPU); ``auto`` fills all GPUs, then
+        CPU, then disk (whole-model forwards over all GPUs with
+        ``pipeline=basic``); ``auto_offload`` keeps the weights in CPU memory, then
+        on disk (models larger than CPU memory); or a device such as ``cuda:0``
+    :param max_memory: a mapping of per-device limits for ``auto`` /
+        ``auto_offload``, e.g. ``{0: 70GiB, cpu: 200GiB}`` (default: what the
+        devices have)
+    :param offload_folder: where the weights that fit in no memory are written
     """
 
     spec: str = "smollm2-135m"
     dtype: str = "float32"
     cache_dir: str | None = None
+    device_map: str | None = None
+    max_memory: Any = None
+    offload_folder: str | None = None
 
     def torch_dtype(self) -> torch.dtype:
         dtype = getattr(torch, self.dtype, None)
@@ -56,7 +71,14 @@ class ModelConfig:
 
     def load(self):
         """``(model, tokenizer)`` as configured."""
-        return load_model(self.spec, cache_dir=self.cache_dir, dtype=self.torch_dtype())
+        return load_model(
+            self.spec,
+            cache_dir=self.cache_dir,
+            dtype=self.torch_dtype(),
+            device_map=self.device_map,
+            max_memory=self.max_memory,
+            offload_folder=self.offload_folder,
+        )
 
 
 @dataclass

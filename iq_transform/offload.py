@@ -1,0 +1,80 @@
+"""
+Forwards of offloaded, fake-quantized models that really use quantized weights.
+
+A model that does not fit on one GPU is offloaded by compressed-tensors (loaded into
+CPU memory and onloaded layer by layer by llm-compressor's sequential pipeline, or
+loaded with ``device_map="auto"`` / ``"auto_offload"``, see
+:func:`iq_transform.models.load_model`). compressed-tensors 0.19's quantized
+``Linear`` forward fake-quantizes the weight it onloaded and then runs the plain
+forward, which reads ``self.weight`` again. Outside ``disable_offloading`` each read
+of an offloaded weight onloads a fresh copy (CPU -> GPU, or from disk), so that
+second read is the unquantized weight: after oneshot, such a model computes with
+quantized activations but full-precision weights. llm-compressor calibrates under
+``disable_offloading``; :func:`onload_once_per_forward` does the same for every later
+forward, one module at a time.
+"""
+
+from __future__ import annotations
+
+from contextlib import ExitStack
+from functools import partial
+
+from compressed_tensors.offload import disable_offloading
+from compressed_tensors.offload.cache import OffloadCache
+from loguru import logger
+from torch import nn
+
+__all__ = ["is_offloaded", "onload_once_per_forward"]
+
+# marks a module that already carries the hooks
+HOOKED_ATTR = "_iq_onload_once_per_forward"
+
+
+def is_offloaded(module: nn.Module) -> bool:
+    """Whether compressed-tensors offloads the module's own parameters.
+
+    :param module: any module
+    """
+    return isinstance(module._parameters, OffloadCache)
+
+
+def onload_once_per_forward(model: nn.Module) -> int:
+    """
+    Run the forward of every offloaded, quantized module inside
+    ``disable_offloading``, so its weight is onloaded once per forward and the
+    fake-quantized copy is the one the matmul uses. Only the running module's
+    weights are kept onloaded (as in the sequential pipeline); a module whose weights
+    stay on their device is unaffected. Calling it again adds nothing.
+
+    :param model: a model after oneshot
+    :return: how many modules got the hooks
+    """
+    hooked = 0
+    for module in model.modules():
+        if not is_offloaded(module) or not hasattr(module, "quantization_scheme"):
+            continue
+        if getattr(module, HOOKED_ATTR, False):
+            continue
+        stacks: list[ExitStack] = []
+        module.register_forward_pre_hook(partial(_keep_onloaded, stacks))
+        module.register_forward_hook(partial(_release, stacks), always_call=True)
+        setattr(module, HOOKED_ATTR, True)
+        hooked += 1
+    if hooked:
+        logger.debug(f"{hooked} offloaded quantized modules onload once per forward")
+    return hooked
+
+
+def _keep_onloaded(stacks: list[ExitStack], module: nn.Module, args: tuple) -> None:
+    """Forward pre-hook: keep onloaded weights until the forward ends."""
+    stack = ExitStack()
+    stack.enter_context(disable_offloading())
+    stacks.append(stack)
+
+
+def _release(
+    stacks: list[ExitStack], module: nn.Module, args: tuple, output: object
+) -> None:
+    """Forward hook (also after an exception): release the onloaded weights."""
+    if stacks:
+        stacks.pop().close()
