@@ -9,7 +9,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-__all__ = ["PerplexityResult", "perplexity"]
+__all__ = ["PerplexityResult", "perplexity", "prefix_cache"]
 
 
 @dataclass
@@ -47,7 +47,7 @@ def perplexity(
     batches = windows.split(batch_size)
     for batch in tqdm(batches, desc=description, disable=not progress, leave=False):
         batch = batch.to(device)
-        past = _prefix_cache(model, prefix, batch) if prefix else None
+        past = prefix_cache(model, prefix, batch) if prefix else None
         logits = (
             model(input_ids=batch, past_key_values=past, use_cache=past is not None)
             .logits[:, :-1]
@@ -73,7 +73,9 @@ def perplexity(
     )
 
 
-def _prefix_cache(model: nn.Module, prefix: list[int], batch: torch.Tensor):
+def prefix_cache(model: nn.Module, prefix: list[int], batch: torch.Tensor):
+    """The KV cache of ``prefix`` for every row of ``batch``, computed with
+    quantization disabled (a full-precision prefix)."""
     from llmcompressor.utils.helpers import DisableQuantization
 
     ids = torch.tensor(prefix, device=batch.device).expand(batch.shape[0], -1)

@@ -22,10 +22,13 @@ __all__ = [
     "write_csv",
     "markdown_report",
     "plot_ppl",
+    "plot_spike_ratios",
     "write_report",
 ]
 
 # Quant fields that must match between a run and its dynamic reference.
+# RunRow fields kept out of results.csv (tuples and per-layer lists).
+_NOT_IN_CSV = ("format_key", "spike_ratio_before", "spike_ratio_after")
 _FORMAT_KEYS = (
     "weight_bits",
     "weight_type",
@@ -50,6 +53,9 @@ class RunRow:
     :param dynamic: whether activations were quantized per token at run time
     :param error: the error of a failed run
     :param path: the ``results.json`` it came from
+    :param spike_ratio_before: per decoder layer, the peak token ratio of the
+        linears' inputs in the FP model
+    :param spike_ratio_after: the same for the quantized linears after oneshot
     """
 
     model: str
@@ -67,6 +73,8 @@ class RunRow:
     error: str | None = None
     path: str = ""
     format_key: tuple | None = None
+    spike_ratio_before: list[float] | None = None
+    spike_ratio_after: list[float] | None = None
 
     @property
     def label(self) -> str:
@@ -126,7 +134,7 @@ def write_csv(runs: list[RunRow], path: Path) -> None:
     :param runs: rows of :func:`collect_runs`
     :param path: the CSV file
     """
-    names = [f.name for f in fields(RunRow) if f.name != "format_key"]
+    names = [f.name for f in fields(RunRow) if f.name not in _NOT_IN_CSV]
     with open(path, "w", newline="") as handle:
         writer = csv.DictWriter(handle, fieldnames=names, extrasaction="ignore")
         writer.writeheader()
@@ -211,11 +219,63 @@ def plot_ppl(runs: list[RunRow], path: Path) -> None:
     plt.close(figure)
 
 
+def plot_spike_ratios(runs: list[RunRow], path: Path) -> bool:
+    """Per decoder layer, the peak token ratio of the quantized linears' inputs:
+    the FP model before oneshot, and after it for each transform (its static
+    ``w8a8`` RTN run when there is one, else its first static run). One panel per
+    model, log scale.
+
+    :param runs: rows of :func:`collect_runs`
+    :param path: the PNG file
+    :return: whether any run had ratios to plot (no file otherwise)
+    """
+    measured = [r for r in runs if r.status == "ok" and r.spike_ratio_after]
+    if not measured:
+        return False
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    models = sorted({run.model for run in measured})
+    figure, axes = plt.subplots(
+        len(models), 1, figsize=(8, 3.4 * len(models)), squeeze=False
+    )
+    for axis, model in zip(axes[:, 0], models, strict=True):
+        mine = [r for r in measured if r.model == model]
+        before = mine[0].spike_ratio_before
+        axis.plot(range(len(before)), before, "k-", lw=2, label="FP model (before)")
+        for transform in sorted({r.transform for r in mine}):
+            candidates = [r for r in mine if r.transform == transform and not r.dynamic]
+            if not candidates:
+                continue
+            preferred = [r for r in candidates if r.recipe == "w8a8_static+rtn"]
+            run = (preferred or candidates)[0]
+            after = run.spike_ratio_after
+            axis.plot(
+                range(len(after)),
+                after,
+                marker="o",
+                ms=3,
+                label=f"after: {transform} ({run.recipe})",
+            )
+        axis.axhline(64, color="grey", ls=":", lw=1, label="ratio 64")
+        axis.set_yscale("log")
+        axis.set_title(model)
+        axis.set_xlabel("decoder layer")
+        axis.set_ylabel("max token max / median")
+        axis.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1, 1))
+    figure.tight_layout()
+    figure.savefig(path, dpi=120)
+    plt.close(figure)
+    return True
+
+
 def write_report(
     root: Path, output_dir: Path | None = None
 ) -> tuple[list[RunRow], str]:
-    """Collect the runs below ``root`` and write ``results.csv``, ``results.md``
-    and ``ppl.png``.
+    """Collect the runs below ``root`` and write ``results.csv``, ``results.md``,
+    ``ppl.png`` and (when runs measured it) ``spike_ratio.png``.
 
     :param root: a multirun folder
     :param output_dir: where the three files go (default: ``root``)
@@ -228,7 +288,10 @@ def write_report(
     write_csv(runs, output_dir / "results.csv")
     (output_dir / "results.md").write_text(f"# Results: {root}\n\n{text}")
     plot_ppl(runs, output_dir / "ppl.png")
-    logger.info(f"wrote results.csv, results.md, ppl.png to {output_dir}")
+    written = "results.csv, results.md, ppl.png"
+    if plot_spike_ratios(runs, output_dir / "spike_ratio.png"):
+        written += ", spike_ratio.png"
+    logger.info(f"wrote {written} to {output_dir}")
     return runs, text
 
 
@@ -254,6 +317,8 @@ def _row(results: dict, path: Path) -> RunRow:
         error=results.get("error"),
         path=str(path),
         format_key=tuple(quant.get(k) for k in _FORMAT_KEYS) if composed else None,
+        spike_ratio_before=results.get("spike_ratio_before"),
+        spike_ratio_after=results.get("spike_ratio_after"),
     )
 
 

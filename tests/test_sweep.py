@@ -64,6 +64,12 @@ def test_sweep_runs_every_combination(sweep_2x2):
         spikefree = results["transform"] == "spikefree"
         assert ("SpikeFreeModifier" in recipe) is spikefree
         assert ("observer: spikefree_mse" in recipe) is (static and spikefree)
+        # the planted spikes reach the linears of layers 1 (creating down_proj)
+        # and 4 (removing down_proj) of the FP model; SpikeFree leaves none
+        before, after = results["spike_ratio_before"], results["spike_ratio_after"]
+        assert len(before) == len(after) == 6
+        assert min(before[1], before[4]) > 1000
+        assert (max(after) < 64) is spikefree
 
 
 def test_report_tables_the_measured_numbers(sweep_2x2):
@@ -86,6 +92,7 @@ def test_report_tables_the_measured_numbers(sweep_2x2):
     assert len(lines) == 4
     assert {float(line["ppl"]) for line in lines} == set(ppl.values())
     assert (sweep_2x2 / "ppl.png").stat().st_size > 10_000
+    assert (sweep_2x2 / "spike_ratio.png").stat().st_size > 10_000
     assert rows[0] in report.stdout
 
 

@@ -4,7 +4,9 @@ The recipe is composed from the config groups ``quant``, ``transform`` and
 ``stages`` (:func:`iq_transform.compose.compose_recipe`) unless ``recipe=`` names a
 YAML. Writes ``results.json`` (model, recipe and its groups, every parameter,
 perplexity, oneshot / SpikeFree / evaluation wall time, spike tokens detected during
-evaluation, ``status``) and the recipe as ``recipe.yaml`` into the run directory.
+evaluation, the per-layer spike ratio of the quantized linears' inputs before and
+after oneshot, the baselines' prefix / unquantized linears, ``status``) and the
+recipe as ``recipe.yaml`` into the run directory.
 In a multirun (``-m``) a failing job writes ``results.json`` with ``"status":
 "failed"``, the error and its traceback, and the sweep goes on.
 
@@ -31,8 +33,13 @@ from iq_transform.baselines import plan_transform, with_prefix
 from iq_transform.cli.config import QuantizeConfig, register_configs
 from iq_transform.compose import TransformPlan, check_group_size, compose_recipe
 from iq_transform.pipeline import apply_recipe, evaluate, recipe_yaml, resolve_recipe
+from iq_transform.spike_ratios import linear_input_ratios
 
 register_configs()
+
+# Evaluation windows on which the quantized linears' input spike ratio is measured
+# before and after oneshot (results.json: spike_ratio_before / _after).
+RATIO_WINDOWS = 2
 
 
 def run_info(config: QuantizeConfig) -> dict:
@@ -71,16 +78,20 @@ def run_quantize(config: QuantizeConfig, output_dir: Path) -> dict:
             config.quant, config.transform, config.stages, get_arch_spec(model), plan
         )
     windows = config.eval.evaluation_windows(tokenizer)
-    oneshot_seconds = spikefree_seconds = None
+    oneshot_seconds = spikefree_seconds = ratios_before = ratios_after = None
     if recipe is not None:
         if calibration is None:
             calibration = config.data.calibration_windows(tokenizer)
+        ratios_before = linear_input_ratios(model, windows[:RATIO_WINDOWS])
         oneshot_seconds, spikefree_seconds = apply_recipe(
             model,
             tokenizer,
             recipe,
             with_prefix(calibration, plan.prefix_ids),
             pipeline=config.pipeline,
+        )
+        ratios_after = linear_input_ratios(
+            model, windows[:RATIO_WINDOWS], plan.prefix_ids, plan.unquantized
         )
     result, eval_seconds, spikes = evaluate(
         model, windows, progress=config.progress, prefix=plan.prefix_ids
@@ -97,6 +108,8 @@ def run_quantize(config: QuantizeConfig, output_dir: Path) -> dict:
         "spike_tokens_in_eval": spikes,
         "prefix_ids": plan.prefix_ids,
         "unquantized": plan.unquantized,
+        "spike_ratio_before": ratios_before,
+        "spike_ratio_after": ratios_after,
     }
     write_results(output_dir, results)
     if recipe is not None:
