@@ -8,6 +8,7 @@ one sweep folder (one subfolder per combination) and renders it with
 
     python benchmarks/composition_table.py --models smollm2-135m gemma3-270m
     python benchmarks/composition_table.py --families w8a8 --jobs 2
+    python benchmarks/composition_table.py --models gemma3-270m --stages quip_gptq
 
 Rows are compared with the dynamic per-token run of the same model, stages and
 formats; every run's ``results.json`` and ``recipe.yaml`` stay in the folder.
@@ -39,6 +40,11 @@ def main() -> None:
     )
     parser.add_argument("--transforms", default=TRANSFORMS)
     parser.add_argument(
+        "--stages",
+        default=None,
+        help="stage chains for every family instead of its own (e.g. quip_gptq)",
+    )
+    parser.add_argument(
         "--jobs", type=int, default=1, help="parallel runs (joblib launcher)"
     )
     parser.add_argument(
@@ -65,6 +71,7 @@ def main() -> None:
         launcher = ["hydra/launcher=joblib", f"hydra.launcher.n_jobs={args.jobs}"]
     for family in args.families:
         quant, stages = FAMILIES[family]
+        stages = args.stages or stages
         command = [
             sys.executable,
             "-m",
