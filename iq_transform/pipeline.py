@@ -78,9 +78,15 @@ def apply_recipe(
     recipe: str | Path | list,
     calibration: torch.Tensor,
     pipeline: str = "independent",
+    seed: int | None = 0,
 ) -> tuple[float, float | None]:
     """Run llm-compressor's ``oneshot`` on ``calibration`` (samples, seqlen).
 
+    :param seed: seeds torch before oneshot, which draws each pass's calibration
+        order (order-dependent observers, GPTQ) and random rotations (QuIP) from
+        torch's global generator: the same seed gives the same model, so runs of
+        different transforms differ by the transform alone; ``None`` leaves the
+        generator as it is
     :return: oneshot wall seconds, and SpikeFree's own calibration seconds (or None)
     """
     from llmcompressor import oneshot
@@ -94,6 +100,8 @@ def apply_recipe(
         )
 
     dataset = Dataset.from_dict({"input_ids": calibration.tolist()})
+    if seed is not None:
+        torch.manual_seed(seed)
     start = time.perf_counter()
     oneshot(
         model=model,

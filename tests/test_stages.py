@@ -187,3 +187,22 @@ def test_every_chain_runs_end_to_end_behind_spikefree(
     assert isinstance(config.quant, QuantConfig)
     assert isinstance(config.transform, TransformConfig)
     assert isinstance(config.stages, StagesConfig)
+
+
+def test_oneshot_is_reproducible_with_a_seed(calibration, prompts):
+    """Calibration order and QuIP's random Hadamards come from torch's generator:
+    apply_recipe seeds it, so a rerun gives the same model and another seed does
+    not."""
+
+    def quantized_logits(seed):
+        model, tokenizer = load_model("tiny-planted")
+        recipe = [
+            QuIPModifier(transform_type="random-hadamard"),
+            quantizer(weight_args("int", 4, "group", 32), None, gptq=True),
+        ]
+        apply_recipe(model, tokenizer, recipe, calibration, seed=seed)
+        return logits(model, prompts)
+
+    first = quantized_logits(0)
+    assert torch.equal(first, quantized_logits(0))
+    assert not torch.equal(first, quantized_logits(1))

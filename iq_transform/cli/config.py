@@ -87,7 +87,8 @@ class TextConfig:
 
     :param num_samples: how many windows
     :param seqlen: tokens per window
-    :param seed: shuffles calibration documents
+    :param seed: shuffles calibration documents; ``iq-quantize`` also seeds torch
+        with it before oneshot (calibration order, random rotations)
     """
 
     path: str | None = None

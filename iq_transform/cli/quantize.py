@@ -89,6 +89,7 @@ def run_quantize(config: QuantizeConfig, output_dir: Path) -> dict:
             recipe,
             with_prefix(calibration, plan.prefix_ids),
             pipeline=config.pipeline,
+            seed=config.data.seed,
         )
         ratios_after = linear_input_ratios(
             model, windows[:RATIO_WINDOWS], plan.prefix_ids, plan.unquantized
