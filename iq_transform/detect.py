@@ -10,10 +10,18 @@ from __future__ import annotations
 
 import torch
 
-__all__ = ["MIN_TOKENS_FOR_MEDIAN", "token_max_abs", "spike_token_mask"]
+__all__ = ["MIN_TOKENS_FOR_MEDIAN", "token_max", "token_max_abs", "spike_token_mask"]
 
 # A median over a handful of tokens (decode steps, tiny prompts) says nothing.
 MIN_TOKENS_FOR_MEDIAN = 8
+
+
+def token_max(hidden: torch.Tensor) -> torch.Tensor:
+    """Per-token max |x| over channels, float32, of shape (..., tokens).
+
+    :param hidden: activations of shape (..., tokens, channels)
+    """
+    return hidden.detach().abs().amax(dim=-1).float()
 
 
 def token_max_abs(hidden: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

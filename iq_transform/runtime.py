@@ -32,6 +32,7 @@ from torch import nn
 
 from iq_transform.arch import ArchSpec
 from iq_transform.detect import spike_token_mask
+from iq_transform.detect import token_max as detect_token_max
 from iq_transform.distributed import reduce_statistics
 from iq_transform.rows import set_excluded_rows
 from iq_transform.templates import (
@@ -167,7 +168,7 @@ class LayerRuntime:
         valid = self.runtime.valid_tokens(batch, tokens, hidden.device)
         past = _past_length(kwargs.get("past_key_values"), self.layer)
         kinds = _token_kinds(valid, past)
-        token_max = hidden.detach().abs().amax(dim=-1).float()
+        token_max = detect_token_max(hidden)
         threshold = None if self.collecting else self.templates.residual_threshold
         carriers = spike_token_mask(token_max, self.runtime.ratio, valid, threshold)
         if self.collecting:
@@ -238,7 +239,7 @@ class LayerRuntime:
         down_site = self.collecting or self.templates.down_template is not None
         if not down_site:
             return down_proj(hidden)
-        token_max = hidden.detach().abs().amax(dim=-1).float()
+        token_max = detect_token_max(hidden)
         threshold = None if self.collecting else self.templates.down_threshold
         detected = spike_token_mask(
             token_max, self.runtime.ratio, state.valid, threshold
@@ -417,9 +418,9 @@ class SpikeFreeRuntime:
 
     def still_carried(self, token_max: torch.Tensor) -> torch.Tensor:
         """During calibration (layers in order within one forward): the previous
-        layer's carriers whose max |x| has not dropped below half, i.e. spikes not
-        yet removed. The ratio test alone loses them in late layers, where ordinary
-        tokens grow."""
+        layer's carriers whose max |x| keeps at least ``CARRIER_DROP`` of the
+        previous layer's, i.e. spikes not yet removed. The ratio test alone loses
+        them in late layers, where ordinary tokens grow."""
         previous = self._previous
         if previous is None or previous[0].shape != token_max.shape:
             return torch.zeros_like(token_max, dtype=torch.bool)

@@ -14,6 +14,7 @@ import torch
 from torch import nn
 
 from iq_transform.arch import get_arch_spec
+from iq_transform.detect import token_max
 from iq_transform.perplexity import prefix_cache
 
 __all__ = ["linear_input_ratios"]
@@ -46,9 +47,9 @@ def linear_input_ratios(
         def record(module, args):
             if not measuring["on"]:
                 return
-            token_max = args[0].detach().abs().amax(dim=-1).float()
-            median = token_max.median(dim=-1, keepdim=True).values.clamp_min(1e-12)
-            peaks[index] = max(peaks[index], float((token_max / median).max()))
+            maxima = token_max(args[0])
+            median = maxima.median(dim=-1, keepdim=True).values.clamp_min(1e-12)
+            peaks[index] = max(peaks[index], float((maxima / median).max()))
 
         return record
 

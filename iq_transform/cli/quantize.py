@@ -64,13 +64,14 @@ def run_quantize(config: QuantizeConfig, output_dir: Path) -> dict:
     :param config: the run's configuration
     :param output_dir: where ``results.json`` and ``recipe.yaml`` go
     """
-    recipe_path = resolve_recipe(config.recipe) if config.recipe else None
+    composed = config.recipe is None
+    recipe_path = None if composed else resolve_recipe(config.recipe)
     model, tokenizer = config.model.load()
     recipe, plan = recipe_path, TransformPlan()
-    calibration = None
-    if config.recipe is None:
-        check_group_size(model, config.quant)
+    if composed or recipe_path is not None:
         calibration = config.data.calibration_windows(tokenizer)
+    if composed:
+        check_group_size(model, config.quant)
         plan = plan_transform(
             config.transform, model, tokenizer, calibration, config.progress
         )
@@ -80,8 +81,6 @@ def run_quantize(config: QuantizeConfig, output_dir: Path) -> dict:
     windows = config.eval.evaluation_windows(tokenizer)
     oneshot_seconds = spikefree_seconds = ratios_before = ratios_after = None
     if recipe is not None:
-        if calibration is None:
-            calibration = config.data.calibration_windows(tokenizer)
         ratios_before = linear_input_ratios(model, windows[:RATIO_WINDOWS])
         oneshot_seconds, spikefree_seconds = apply_recipe(
             model,
