@@ -1,6 +1,8 @@
 import pytest
 import torch
 
+from iq_transform.data import TextSource, calibration_windows, load_documents
+from iq_transform.models import load_model
 from iq_transform.toy import build_planted_spike_model
 
 TEXT = (
@@ -26,3 +28,12 @@ def planted_windows(planted):
         ids = tokenizer(TEXT[offset:], return_tensors="pt").input_ids[0, :96]
         rows.append(ids)
     return torch.stack(rows)
+
+
+@pytest.fixture(scope="session")
+def calibration():
+    """Four 128-token Brown windows for the tiny planted model: exactly SpikeFree's
+    default num_calibration_samples, so it sees all of them."""
+    _, tokenizer = load_model("tiny-planted")
+    documents = load_documents(TextSource(path="shared/brown/brown.txt"))[:200]
+    return calibration_windows(tokenizer, documents, num_samples=4, seqlen=128)

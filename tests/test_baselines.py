@@ -18,6 +18,7 @@ from iq_transform.pipeline import apply_recipe
 from iq_transform.schemes import w8a8_quantizer
 from tests.conftest import TEXT
 from tests.test_cli import run_app
+from tests.test_quantize_cli import TINY_RUN
 
 
 @pytest.fixture(scope="module")
@@ -111,13 +112,8 @@ def test_quantize_app_runs_both_baselines(tmp_path):
         run = tmp_path / transform
         result = run_app(
             "iq-quantize",
-            "model=tiny-planted",
+            *TINY_RUN,
             f"transform={transform}",
-            "data.num_samples=4",
-            "data.seqlen=128",
-            "eval.num_samples=2",
-            "eval.seqlen=128",
-            "progress=false",
             f"hydra.run.dir={run}",
             cwd=tmp_path,
         )

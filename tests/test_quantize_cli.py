@@ -6,17 +6,22 @@ import yaml
 
 from tests.test_cli import run_app
 
+# iq-quantize on the tiny planted model with short windows (seconds)
+TINY_RUN = (
+    "model=tiny-planted",
+    "data.num_samples=4",
+    "data.seqlen=128",
+    "eval.num_samples=2",
+    "eval.seqlen=128",
+    "progress=false",
+)
+
 
 def test_quantize_app_writes_results_and_recipe(tmp_path):
     result = run_app(
         "iq-quantize",
-        "model=tiny-planted",
+        *TINY_RUN,
         "recipe=w8a8_static_spikefree_minmax",
-        "data.num_samples=4",
-        "data.seqlen=128",
-        "eval.num_samples=2",
-        "eval.seqlen=128",
-        "progress=false",
         f"hydra.run.dir={tmp_path / 'run'}",
         cwd=tmp_path,
     )

@@ -5,19 +5,11 @@ import pytest
 import torch
 
 from iq_transform import get_runtime
-from iq_transform.data import TextSource, calibration_windows, load_documents
 from iq_transform.models import load_model
 from iq_transform.perplexity import perplexity
 from iq_transform.pipeline import RECIPES_DIR, apply_recipe
 
 RECIPES = sorted(RECIPES_DIR.glob("*.yaml"))
-
-
-@pytest.fixture(scope="module")
-def calibration():
-    _, tokenizer = load_model("tiny-planted")
-    documents = load_documents(TextSource(path="shared/brown/brown.txt"))[:200]
-    return calibration_windows(tokenizer, documents, num_samples=4, seqlen=128)
 
 
 def test_the_recipes_cover_every_scheme():

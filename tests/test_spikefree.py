@@ -7,7 +7,7 @@ import torch
 import yaml
 
 from iq_transform import SpikeFreeModifier, SpikeFreeOrderError, get_runtime
-from iq_transform.data import TextSource, calibration_windows, load_documents
+from iq_transform.data import TextSource
 from iq_transform.models import load_model
 from iq_transform.pipeline import RECIPES_DIR, apply_recipe
 from iq_transform.schemes import w8a8_quantizer
@@ -16,14 +16,6 @@ from iq_transform.templates import FIRST_TOKEN, MID_SEQUENCE
 
 def static_int8(observer: str):
     return w8a8_quantizer("int", dynamic=False, observer=observer)
-
-
-@pytest.fixture(scope="module")
-def calibration():
-    _, tokenizer = load_model("tiny-planted")
-    documents = load_documents(TextSource(path="shared/brown/brown.txt"))[:200]
-    # exactly SpikeFree's default num_calibration_samples: it sees all of them
-    return calibration_windows(tokenizer, documents, num_samples=4, seqlen=128)
 
 
 @pytest.fixture

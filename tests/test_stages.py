@@ -21,18 +21,11 @@ from iq_transform.compose import (
     compose_recipe,
     smoothquant_mappings,
 )
-from iq_transform.data import TextSource, calibration_windows, load_documents
 from iq_transform.models import load_model
 from iq_transform.perplexity import perplexity
 from iq_transform.pipeline import apply_recipe
 from iq_transform.schemes import quantizer, weight_args
-
-
-@pytest.fixture(scope="module")
-def calibration():
-    _, tokenizer = load_model("tiny-planted")
-    documents = load_documents(TextSource(path="shared/brown/brown.txt"))[:200]
-    return calibration_windows(tokenizer, documents, num_samples=4, seqlen=128)
+from tests.test_compose import composed_config
 
 
 @pytest.fixture(scope="module")
@@ -155,25 +148,12 @@ CHAINS = ["rtn", "gptq", "smoothquant_rtn", "smoothquant_gptq", "quip_rtn", "qui
 def test_every_chain_runs_end_to_end_behind_spikefree(
     stages, quant, calibration, prompts
 ):
-    from hydra import compose, initialize_config_module
-    from omegaconf import OmegaConf
-
-    import iq_transform.cli.quantize  # noqa: F401  (registers the schemas)
-
-    with initialize_config_module(
-        config_module="iq_transform.conf", version_base="1.3"
-    ):
-        config = OmegaConf.to_object(
-            compose(
-                config_name="quantize",
-                overrides=[
-                    f"quant={quant}_static",
-                    f"stages={stages}",
-                    "transform=spikefree",
-                    "quant.group_size=32",
-                ],
-            )
-        )
+    config = composed_config(
+        f"quant={quant}_static",
+        f"stages={stages}",
+        "transform=spikefree",
+        "quant.group_size=32",
+    )
     model, tokenizer = load_model("tiny-planted")
     recipe = compose_recipe(
         config.quant, config.transform, config.stages, get_arch_spec(model)
