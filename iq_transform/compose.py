@@ -100,15 +100,18 @@ class TransformConfig:
         or the baselines scan
     :param min_fraction: fraction of sequences that must show a spike at a layer
     :param norm_templates: insert norm-output templates (else ``down_proj`` only)
+    :param exact_template_rows: template rows skip activation quantization in the
+        linears the templated norms feed (else they are quantized)
     :param max_prefix_tokens: the longest PrefixQuant-style prefix
     """
 
     name: str = "spikefree"
     method: str = "spikefree"
-    ratio: float = 64.0
+    ratio: float = 32.0
     num_calibration_samples: int = 4
     min_fraction: float = 0.25
     norm_templates: bool = True
+    exact_template_rows: bool = True
     max_prefix_tokens: int = 4
 
 
@@ -187,6 +190,7 @@ def compose_recipe(
                 num_calibration_samples=transform.num_calibration_samples,
                 min_fraction=transform.min_fraction,
                 norm_templates=transform.norm_templates,
+                exact_template_rows=transform.exact_template_rows,
             )
         )
     if stages.smoothquant:

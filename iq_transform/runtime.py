@@ -8,7 +8,8 @@ llm-compressor's layer-major sequential pipeline, shuffled data and padding):
    absolute threshold (the only test for a decode step with a KV cache);
 2. each norm that feeds quantized linears gets the carriers' rows overwritten with
    their kind's template (stored before the norm weight, scaled by the weight the
-   norm has *now*);
+   norm has *now*); the linears it feeds compute those rows from the unquantized
+   template (:mod:`iq_transform.exact_rows`), since they are constants;
 3. at layers that create or remove spikes, the MLP also detects at its ``down_proj``
    input; those rows are zeroed before ``down_proj`` (no quantized linear sees the
    spike) and ``down_proj``'s output rows become the output template, so the
@@ -34,6 +35,7 @@ from iq_transform.arch import ArchSpec
 from iq_transform.detect import spike_token_mask
 from iq_transform.detect import token_max as detect_token_max
 from iq_transform.distributed import reduce_statistics
+from iq_transform.exact_rows import linear_with_unquantized_input
 from iq_transform.rows import set_excluded_rows
 from iq_transform.templates import (
     FIRST_TOKEN,
@@ -124,6 +126,8 @@ class LayerRuntime:
             layer.register_forward_pre_hook(self._before_layer, with_kwargs=True),
             layer.register_forward_hook(self._after_layer),
         ]
+        if runtime.exact_template_rows:
+            self._hook_template_fed_linears()
         self._patch_mlp()
 
     # -- state -----------------------------------------------------------------
@@ -221,6 +225,31 @@ class LayerRuntime:
 
         return after_norm
 
+    def _hook_template_fed_linears(self) -> None:
+        # prepend: ahead of output hooks such as QuIP's online output rotation,
+        # which then treats the exact rows like every other row
+        for norm_name, linear_names in self.arch.norm_linears.items():
+            for linear_name in linear_names:
+                linear = self.layer.get_submodule(linear_name)
+                hook = self._exact_template_rows(norm_name)
+                self._handles.append(linear.register_forward_hook(hook, prepend=True))
+
+    def _exact_template_rows(self, norm_name: str):
+        def after_linear(module, args, output):
+            state = self.current
+            if self.collecting or state is None or not bool(state.carriers.any()):
+                return None
+            if norm_name not in self.templates.norm_templates:
+                return None
+            rows = state.carriers
+            output = output.clone()
+            output[rows] = linear_with_unquantized_input(module, args[0][rows]).to(
+                output.dtype
+            )
+            return output
+
+        return after_linear
+
     def _patch_mlp(self) -> None:
         runtime_layer = self
         mlp = self.mlp
@@ -300,15 +329,24 @@ class SpikeFreeRuntime:
     :param model: a causal LM whose architecture :mod:`iq_transform.arch` knows
     :param arch: its :class:`ArchSpec`
     :param ratio: spike-token ratio to the median token max
+    :param exact_template_rows: the linears fed by a templated norm compute the
+        template rows from their unquantized input
     """
 
-    def __init__(self, model: nn.Module, arch: ArchSpec, ratio: float = 64.0):
+    def __init__(
+        self,
+        model: nn.Module,
+        arch: ArchSpec,
+        ratio: float = 64.0,
+        exact_template_rows: bool = True,
+    ):
         if hasattr(model, _RUNTIME_ATTRIBUTE):
             raise RuntimeError(
                 "A SpikeFree runtime is already installed in this model; call "
                 "get_runtime(model).remove() first."
             )
         self.model, self.arch, self.ratio = model, arch, ratio
+        self.exact_template_rows = exact_template_rows
         self.attention_mask: torch.Tensor | None = None
         self.spike_tokens_seen = 0
         # (batch, tokens) tokens handled in the last model forward, for inspection

@@ -169,12 +169,14 @@ def test_yaml_recipe_round_trip(calibration):
     recipe = Recipe.create_instance(path_or_modifiers=str(path))
     kinds = [type(m).__name__ for m in recipe.modifiers]
     assert kinds == ["SpikeFreeModifier", "QuantizationModifier"]
-    assert recipe.modifiers[0].ratio == 64.0
+    assert recipe.modifiers[0].ratio == 32.0
     reparsed = yaml.safe_load(recipe.yaml())
     assert "SpikeFreeModifier" in str(reparsed)
     model, tokenizer = load_model("tiny-planted")
     apply_recipe(model, tokenizer, path, calibration)
-    assert get_runtime(model).templates.down_proj_layers == [1, 2, 3, 4]
+    runtime = get_runtime(model)
+    assert runtime.ratio == 32.0
+    assert {1, 2, 3, 4} <= set(runtime.templates.down_proj_layers)  # planted sites
     assert hasattr(model.model.layers[1].mlp.down_proj, "input_scale")
 
 

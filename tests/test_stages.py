@@ -24,7 +24,7 @@ from iq_transform.compose import (
 from iq_transform.models import load_model
 from iq_transform.perplexity import perplexity
 from iq_transform.pipeline import apply_recipe
-from iq_transform.schemes import quantizer, weight_args
+from iq_transform.schemes import activation_args, quantizer, weight_args
 from tests.test_compose import composed_config
 
 
@@ -129,6 +129,48 @@ def test_weight_quantizers_keep_templates_and_insert_them(
     assert drift < 0.05 * reference_logits.abs().max()
 
 
+@pytest.mark.parametrize("exact", [True, False], ids=["exact", "quantized"])
+def test_template_rows_skip_static_activation_quantization(exact, calibration, prompts):
+    """The linears a templated norm feeds compute the template rows from the
+    unquantized template (they are constants); static 4-bit scales calibrated on
+    ordinary rows would clip them, as they do with ``exact_template_rows=False``."""
+    model, tokenizer = load_model("tiny-planted")
+    stage = quantizer(
+        weight_args("int", 8),
+        activation_args("int", dynamic=False, observer="spikefree_minmax", num_bits=4),
+    )
+    spikefree = SpikeFreeModifier(exact_template_rows=exact)
+    apply_recipe(model, tokenizer, [spikefree, stage], calibration)
+    q_proj = model.model.layers[3].self_attn.q_proj
+    seen = {}
+    handles = [
+        q_proj.register_forward_pre_hook(
+            lambda module, args: seen.setdefault("input", args[0].detach().clone())
+        ),
+        q_proj.register_forward_hook(
+            lambda module, args, out: seen.setdefault("output", out.detach().clone())
+        ),
+    ]
+    try:
+        logits(model, prompts)
+    finally:
+        for handle in handles:
+            handle.remove()
+    template_rows = seen["input"][:, 0]  # BOS: a planted spike carrier
+    # outside a layer forward the runtime leaves q_proj alone: its own forward,
+    # with and without input quantization, gives both references
+    quantized = q_proj(template_rows)
+    scheme = q_proj.quantization_scheme
+    q_proj.quantization_scheme = scheme.model_copy(update={"input_activations": None})
+    try:
+        unquantized = q_proj(template_rows)
+    finally:
+        q_proj.quantization_scheme = scheme
+    assert (quantized - unquantized).abs().max() > 0.1 * unquantized.abs().max()
+    expected = unquantized if exact else quantized
+    torch.testing.assert_close(seen["output"][:, 0], expected)
+
+
 def test_spikefree_before_spinquant_is_a_clear_error(calibration):
     model, tokenizer = load_model("tiny-planted")
     with pytest.raises(SpikeFreeOrderError, match="SpinQuantModifier"):
@@ -152,6 +194,7 @@ def test_every_chain_runs_end_to_end_behind_spikefree(
         f"quant={quant}_static",
         f"stages={stages}",
         "transform=spikefree",
+        "transform.ratio=64",  # the planted sites are exact at the literature's 64
         "quant.group_size=32",
     )
     model, tokenizer = load_model("tiny-planted")

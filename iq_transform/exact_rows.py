@@ -1,0 +1,43 @@
+"""Linear outputs for rows whose input is not quantized.
+
+Template rows are constants known before inference: the linears fed by a templated
+norm can compute them at full precision (a kernel precomputes ``W @ template`` once)
+instead of quantizing them with the ordinary tokens' static scale, which clips the
+spike channels that make the sink token's key what it is (SmolLM2-135M, W4A4 static
+with QuIP + GPTQ: 91.7 -> 76.7 WikiText-2 perplexity).
+"""
+
+from __future__ import annotations
+
+import torch
+from compressed_tensors.quantization import QuantizationStatus
+from compressed_tensors.quantization.lifecycle import forward_quantize
+from torch import nn
+
+__all__ = ["linear_with_unquantized_input"]
+
+
+def linear_with_unquantized_input(
+    module: nn.Linear, inputs: torch.Tensor
+) -> torch.Tensor:
+    """``module``'s output for ``inputs`` with its input quantization skipped and
+    its weight as its own forward uses it (fake-quantized by compressed-tensors
+    until the model is compressed).
+
+    :param module: a Linear, quantized by compressed-tensors or not
+    :param inputs: (rows, in_features), already through the module's pre-hooks
+        (e.g. QuIP's online input rotation)
+    """
+    weight = module.weight
+    scheme = getattr(module, "quantization_scheme", None)
+    status = getattr(module, "quantization_status", None)
+    quantizes_weight = (
+        getattr(module, "quantization_enabled", True)
+        and scheme is not None
+        and scheme.weights is not None
+        and status is not None
+        and status < QuantizationStatus.COMPRESSED
+    )
+    if quantizes_weight:
+        weight = forward_quantize(module, weight.data, "weight", scheme.weights)
+    return nn.functional.linear(inputs.to(weight.dtype), weight, module.bias)
