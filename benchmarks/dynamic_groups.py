@@ -22,11 +22,9 @@ from omegaconf import OmegaConf
 from torch import nn
 
 from iq_transform.arch import get_arch_spec
-from iq_transform.baselines import plan_transform, with_prefix
 from iq_transform.cli.config import register_configs
-from iq_transform.compose import compose_recipe
+from iq_transform.cli.quantize import compose_from_config, oneshot_from_config
 from iq_transform.perplexity import perplexity
-from iq_transform.pipeline import apply_recipe
 
 KINDS = {
     "q/k/v": r"self_attn\.[qkv]_proj$",
@@ -82,17 +80,8 @@ def main() -> None:
     model, tokenizer = config.model.load()
     calibration = config.data.calibration_windows(tokenizer)
     windows = config.eval.evaluation_windows(tokenizer)[: args.eval_windows]
-    arch = get_arch_spec(model)
-    plan = plan_transform(config.transform, model, tokenizer, calibration, False)
-    recipe = compose_recipe(config.quant, config.transform, config.stages, arch, plan)
-    apply_recipe(
-        model,
-        tokenizer,
-        recipe,
-        with_prefix(calibration, plan.prefix_ids),
-        pipeline=config.pipeline,
-        seed=config.data.seed,
-    )
+    recipe, plan = compose_from_config(config, model, tokenizer, calibration)
+    oneshot_from_config(config, model, tokenizer, recipe, calibration, plan)
     linears = statically_quantized_linears(model)
     prefix = plan.prefix_ids or None
 
@@ -103,7 +92,7 @@ def main() -> None:
     groups = {"none (all static)": [], "all": list(linears)}
     for kind, pattern in KINDS.items():
         groups[kind] = [name for name in linears if re.search(pattern, name)]
-    for index in range(len(arch.decoder_layers(model))):
+    for index in range(len(get_arch_spec(model).decoder_layers(model))):
         groups[f"down_proj layer {index}"] = [
             name for name in linears if name.endswith(f".{index}.mlp.down_proj")
         ]

@@ -23,6 +23,7 @@ import traceback
 from pathlib import Path
 
 import hydra
+import torch
 from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
 from loguru import logger
@@ -58,6 +59,48 @@ def run_info(config: QuantizeConfig) -> dict:
     }
 
 
+def compose_from_config(
+    config: QuantizeConfig, model, tokenizer, calibration: torch.Tensor
+) -> tuple[list, TransformPlan]:
+    """The recipe composed from ``config``'s quant / transform / stages groups, and
+    what a baseline measured on the full-precision model for it.
+
+    :param calibration: (samples, seqlen) calibration windows (the baselines scan
+        them)
+    """
+    check_group_size(model, config.quant)
+    plan = plan_transform(
+        config.transform, model, tokenizer, calibration, config.progress
+    )
+    recipe = compose_recipe(
+        config.quant, config.transform, config.stages, get_arch_spec(model), plan
+    )
+    return recipe, plan
+
+
+def oneshot_from_config(
+    config: QuantizeConfig,
+    model,
+    tokenizer,
+    recipe,
+    calibration: torch.Tensor,
+    plan: TransformPlan,
+) -> tuple[float, float | None]:
+    """``oneshot`` as ``iq-quantize`` runs it: the baseline's prefix in front of the
+    calibration windows, ``config.pipeline``, torch seeded with ``data.seed``.
+
+    :return: oneshot wall seconds, and SpikeFree's own calibration seconds
+    """
+    return apply_recipe(
+        model,
+        tokenizer,
+        recipe,
+        with_prefix(calibration, plan.prefix_ids),
+        pipeline=config.pipeline,
+        seed=config.data.seed,
+    )
+
+
 def run_quantize(config: QuantizeConfig, output_dir: Path) -> dict:
     """The whole job; returns what it writes to ``results.json``.
 
@@ -71,24 +114,13 @@ def run_quantize(config: QuantizeConfig, output_dir: Path) -> dict:
     if composed or recipe_path is not None:
         calibration = config.data.calibration_windows(tokenizer)
     if composed:
-        check_group_size(model, config.quant)
-        plan = plan_transform(
-            config.transform, model, tokenizer, calibration, config.progress
-        )
-        recipe = compose_recipe(
-            config.quant, config.transform, config.stages, get_arch_spec(model), plan
-        )
+        recipe, plan = compose_from_config(config, model, tokenizer, calibration)
     windows = config.eval.evaluation_windows(tokenizer)
     oneshot_seconds = spikefree_seconds = ratios_before = ratios_after = None
     if recipe is not None:
         ratios_before = linear_input_ratios(model, windows[:RATIO_WINDOWS])
-        oneshot_seconds, spikefree_seconds = apply_recipe(
-            model,
-            tokenizer,
-            recipe,
-            with_prefix(calibration, plan.prefix_ids),
-            pipeline=config.pipeline,
-            seed=config.data.seed,
+        oneshot_seconds, spikefree_seconds = oneshot_from_config(
+            config, model, tokenizer, recipe, calibration, plan
         )
         ratios_after = linear_input_ratios(
             model, windows[:RATIO_WINDOWS], plan.prefix_ids, plan.unquantized
