@@ -231,16 +231,19 @@ class LayerRuntime:
         for norm_name, linear_names in self.arch.norm_linears.items():
             for linear_name in linear_names:
                 linear = self.layer.get_submodule(linear_name)
-                hook = self._exact_template_rows(norm_name)
+                feeds_down_proj = any(linear is m for m in self.mlp.modules())
+                hook = self._exact_template_rows(norm_name, feeds_down_proj)
                 self._handles.append(linear.register_forward_hook(hook, prepend=True))
 
-    def _exact_template_rows(self, norm_name: str):
+    def _exact_template_rows(self, norm_name: str, feeds_down_proj: bool):
         def after_linear(module, args, output):
             state = self.current
             if self.collecting or state is None or not bool(state.carriers.any()):
                 return None
             if norm_name not in self.templates.norm_templates:
                 return None
+            if feeds_down_proj and self.templates.down_template is not None:
+                return None  # carrier rows are zeroed before down_proj anyway
             rows = state.carriers
             output = output.clone()
             output[rows] = linear_with_unquantized_input(module, args[0][rows]).to(
