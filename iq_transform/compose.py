@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass, field, replace
+from typing import Any
 
 from loguru import logger
 from torch import nn
@@ -71,6 +72,9 @@ class QuantConfig:
     :param observer: llm-compressor observer of static activation scales
         (``minmax``, ``static_minmax``, ``mse``); with SpikeFree its ``spikefree_``
         counterpart is used
+    :param observer_kwargs: options of the static observer (``mse``:
+        ``maxshrink``, the deepest clip searched as a share of the range, and
+        ``patience``, steps without improvement before the search stops)
     :param ignore: modules left unquantized
     """
 
@@ -83,6 +87,7 @@ class QuantConfig:
     activation_type: str = "int"
     dynamic: bool = False
     observer: str = "mse"
+    observer_kwargs: dict[str, Any] = field(default_factory=dict)
     ignore: list[str] = field(default_factory=lambda: ["lm_head"])
 
 
@@ -295,7 +300,11 @@ def _quantizer(quant: QuantConfig, stages: StagesConfig, spikefree: bool):
         quant.weight_type, quant.weight_bits, quant.weight_strategy, quant.group_size
     )
     activations = activation_args(
-        quant.activation_type, quant.dynamic, observer, quant.activation_bits
+        quant.activation_type,
+        quant.dynamic,
+        observer,
+        quant.activation_bits,
+        quant.observer_kwargs,
     )
     gptq = stages.weights == "gptq"
     extra = (

@@ -6,7 +6,11 @@ __all__ = ["activation_args", "weight_args", "quantizer", "w8a8_quantizer"]
 
 
 def activation_args(
-    kind: str, dynamic: bool, observer: str | None = None, num_bits: int = 8
+    kind: str,
+    dynamic: bool,
+    observer: str | None = None,
+    num_bits: int = 8,
+    observer_kwargs: dict | None = None,
 ) -> dict:
     """Activation quantization arguments (symmetric).
 
@@ -14,6 +18,8 @@ def activation_args(
     :param dynamic: per-token scales computed at run time; else static per-tensor
     :param observer: the observer of static scales (e.g. ``spikefree_mse``)
     :param num_bits: activation bits (8 or 4)
+    :param observer_kwargs: the static observer's options (e.g. the ``mse``
+        search's ``maxshrink``)
     """
     args = {
         "num_bits": num_bits,
@@ -24,6 +30,8 @@ def activation_args(
     }
     if observer and not dynamic:
         args["observer"] = observer
+        if observer_kwargs:
+            args["observer_kwargs"] = dict(observer_kwargs)
     return args
 
 

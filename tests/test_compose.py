@@ -94,6 +94,9 @@ def test_every_combination_composes(planted):
             assert activations.observer.startswith("spikefree_") is (
                 transform in ("spikefree", "prefix")
             )
+            # 4-bit static scales search clips far below llm-compressor's 0.8 x max
+            wide_search = {"maxshrink": 0.9} if quant == "w4a4_static" else {}
+            assert activations.observer_kwargs == wide_search
         else:
             assert activations.strategy == "token"
         weights = scheme.weights
@@ -108,11 +111,21 @@ def test_every_combination_composes(planted):
         assert type(recipe[-1]).__name__ in Recipe.from_modifiers(recipe).yaml()
 
 
-def test_default_run_equals_the_spikefree_recipe_yaml(planted):
-    config = composed_config("model=tiny-planted")
+@pytest.mark.parametrize(
+    ("recipe", "overrides"),
+    [
+        ("w8a8_static_spikefree", []),
+        (
+            "w4a4_static_spikefree_quip_gptq",
+            ["quant=w4a4_static", "stages=quip_gptq", "quant.group_size=64"],
+        ),
+    ],
+)
+def test_runs_equal_their_recipe_yaml(planted, recipe, overrides):
+    config = composed_config("model=tiny-planted", *overrides)
     assert config.recipe is None
     composed = recipe_of(config, get_arch_spec(planted[0]))
-    path = resolve_recipe("w8a8_static_spikefree")
+    path = resolve_recipe(recipe)
     reference = Recipe.create_instance(str(path)).modifiers
     assert [type(m) for m in composed] == [type(m) for m in reference]
     for ours, theirs in zip(composed, reference, strict=True):

@@ -271,6 +271,38 @@ def test_spikefree_mse_averages_batches_evenly_and_drops_spike_rows():
     assert clean.max_vals.max() < 10.0
 
 
+def test_spikefree_mse_wide_search_clips_4_bit_scales_below_the_default_floor():
+    """At 4 bits the MSE-optimal clip of Gaussian-like (rotated) activations lies
+    near 0.6 x their max: ``maxshrink: 0.9`` (conf/quant/w4a4_static.yaml) reaches
+    it, llm-compressor's default search stops at 0.8 x max."""
+    from compressed_tensors.quantization import QuantizationArgs
+    from compressed_tensors.quantization.lifecycle import fake_quantize
+    from compressed_tensors.quantization.utils import calculate_qparams
+
+    from iq_transform.observers import SpikeFreeMSEObserver
+
+    torch.manual_seed(0)
+    batch = torch.randn(1, 2048, 64)
+    errors, maxima = {}, {}
+    for maxshrink in (None, 0.9):
+        kwargs = {} if maxshrink is None else {"observer_kwargs": {"maxshrink": 0.9}}
+        args = QuantizationArgs(
+            num_bits=4, type="int", strategy="tensor", symmetric=True, **kwargs
+        )
+        observer = SpikeFreeMSEObserver(base_name="input", args=args)
+        observer(batch)
+        scale, zero_point = calculate_qparams(
+            observer.min_vals, observer.max_vals, args
+        )
+        quantized = fake_quantize(batch, scale, zero_point, args)
+        errors[maxshrink] = float((quantized - batch).pow(2).mean())
+        maxima[maxshrink] = float(observer.max_vals.max())
+    absmax = float(batch.abs().max())
+    assert maxima[None] >= 0.79 * absmax
+    assert maxima[0.9] < 0.7 * absmax
+    assert errors[0.9] < 0.7 * errors[None]
+
+
 @pytest.mark.parametrize("stage", ["QuIPModifier", "SmoothQuantModifier"])
 def test_spikefree_after_a_rotation_or_smoothing_is_a_clear_error(
     calibration, fresh, stage
