@@ -40,6 +40,12 @@ def main() -> None:
     )
     parser.add_argument("--transforms", default=TRANSFORMS)
     parser.add_argument(
+        "--quants",
+        nargs="+",
+        default=None,
+        help="only these quant options of the chosen families (e.g. w4a4_static)",
+    )
+    parser.add_argument(
         "--stages",
         default=None,
         help="stage chains for every family instead of its own (e.g. quip_gptq)",
@@ -71,6 +77,10 @@ def main() -> None:
         launcher = ["hydra/launcher=joblib", f"hydra.launcher.n_jobs={args.jobs}"]
     for family in args.families:
         quant, stages = FAMILIES[family]
+        if args.quants is not None:
+            quant = ",".join(q for q in quant.split(",") if q in args.quants)
+            if not quant:
+                continue
         stages = args.stages or stages
         command = [
             sys.executable,
