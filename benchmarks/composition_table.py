@@ -66,6 +66,13 @@ def main() -> None:
         "overrides", nargs="*", help="extra iq-quantize overrides (eval.num_samples=4)"
     )
     args = parser.parse_args()
+    if args.quants is not None:
+        chosen = {q for f in args.families for q in FAMILIES[f][0].split(",")}
+        if unknown := sorted(set(args.quants) - chosen):
+            parser.error(
+                f"--quants {' '.join(unknown)}: not in the chosen families; "
+                f"choose from {sorted(chosen)}"
+            )
     output = args.output or Path("multirun/composition") / time.strftime(
         "%Y-%m-%d_%H-%M-%S"
     )

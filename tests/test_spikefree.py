@@ -285,7 +285,9 @@ def test_spikefree_mse_wide_search_clips_4_bit_scales_below_the_default_floor():
     batch = torch.randn(1, 2048, 64)
     errors, maxima = {}, {}
     for maxshrink in (None, 0.9):
-        kwargs = {} if maxshrink is None else {"observer_kwargs": {"maxshrink": 0.9}}
+        kwargs = (
+            {} if maxshrink is None else {"observer_kwargs": {"maxshrink": maxshrink}}
+        )
         args = QuantizationArgs(
             num_bits=4, type="int", strategy="tensor", symmetric=True, **kwargs
         )
