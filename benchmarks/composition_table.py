@@ -41,9 +41,9 @@ def main() -> None:
     parser.add_argument("--transforms", default=TRANSFORMS)
     parser.add_argument(
         "--quants",
-        nargs="+",
         default=None,
-        help="only these quant options of the chosen families (e.g. w4a4_static)",
+        help="only these quant options of the chosen families, comma-separated "
+        "(e.g. w4a4_static)",
     )
     parser.add_argument(
         "--stages",
@@ -65,10 +65,11 @@ def main() -> None:
     parser.add_argument(
         "overrides", nargs="*", help="extra iq-quantize overrides (eval.num_samples=4)"
     )
-    args = parser.parse_args()
-    if args.quants is not None:
+    args = parser.parse_intermixed_args()
+    quants = None if args.quants is None else args.quants.split(",")
+    if quants is not None:
         chosen = {q for f in args.families for q in FAMILIES[f][0].split(",")}
-        if unknown := sorted(set(args.quants) - chosen):
+        if unknown := sorted(set(quants) - chosen):
             parser.error(
                 f"--quants {' '.join(unknown)}: not in the chosen families; "
                 f"choose from {sorted(chosen)}"
@@ -84,8 +85,8 @@ def main() -> None:
         launcher = ["hydra/launcher=joblib", f"hydra.launcher.n_jobs={args.jobs}"]
     for family in args.families:
         quant, stages = FAMILIES[family]
-        if args.quants is not None:
-            quant = ",".join(q for q in quant.split(",") if q in args.quants)
+        if quants is not None:
+            quant = ",".join(q for q in quant.split(",") if q in quants)
             if not quant:
                 continue
         stages = args.stages or stages

@@ -68,7 +68,7 @@ def main() -> None:
     parser.add_argument("--eval-windows", type=int, default=4)
     parser.add_argument("--output", type=Path, default=None, help="JSON file")
     parser.add_argument("overrides", nargs="*", help="iq-quantize overrides")
-    args = parser.parse_args()
+    args = parser.parse_intermixed_args()
 
     register_configs()
     with initialize_config_module(
