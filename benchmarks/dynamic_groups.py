@@ -21,10 +21,10 @@ from hydra import compose, initialize_config_module
 from omegaconf import OmegaConf
 from torch import nn
 
-from iq_transform.arch import get_arch_spec
-from iq_transform.cli.config import register_configs
-from iq_transform.cli.quantize import compose_from_config, oneshot_from_config
-from iq_transform.perplexity import perplexity
+from iq_transform.cli.schemas import register_configs
+from iq_transform.composition.job import compose_from_config, oneshot_from_config
+from iq_transform.evaluation.perplexity import perplexity
+from iq_transform.models.arch import get_arch_spec
 
 KINDS = {
     "q/k/v": r"self_attn\.[qkv]_proj$",

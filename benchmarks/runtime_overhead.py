@@ -15,9 +15,9 @@ import time
 import torch
 
 from iq_transform import SpikeFreeModifier, get_runtime
-from iq_transform.data import TextSource, calibration_windows, load_documents
+from iq_transform.composition.pipeline import apply_recipe
+from iq_transform.evaluation.data import TextSource, calibration_windows, load_documents
 from iq_transform.models import load_model
-from iq_transform.pipeline import apply_recipe
 
 
 def main() -> None:

@@ -18,7 +18,9 @@ from pathlib import Path
 from torch import nn
 
 from iq_transform import SpikeFreeModifier
-from iq_transform.data import (
+from iq_transform.composition.pipeline import apply_recipe, evaluate
+from iq_transform.composition.schemes import w8a8_quantizer
+from iq_transform.evaluation.data import (
     TextSource,
     calibration_windows,
     evaluation_windows,
@@ -26,8 +28,6 @@ from iq_transform.data import (
     load_text,
 )
 from iq_transform.models import load_model
-from iq_transform.pipeline import apply_recipe, evaluate
-from iq_transform.schemes import w8a8_quantizer
 
 GROUPS = {
     "q/k/v": r"self_attn\.[qkv]_proj$",

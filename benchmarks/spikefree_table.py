@@ -21,7 +21,9 @@ from pathlib import Path
 from loguru import logger
 
 from iq_transform import SpikeFreeModifier
-from iq_transform.data import (
+from iq_transform.composition.pipeline import apply_recipe, evaluate
+from iq_transform.composition.schemes import w8a8_quantizer
+from iq_transform.evaluation.data import (
     TextSource,
     calibration_windows,
     evaluation_windows,
@@ -29,8 +31,6 @@ from iq_transform.data import (
     load_text,
 )
 from iq_transform.models import load_model
-from iq_transform.pipeline import apply_recipe, evaluate
-from iq_transform.schemes import w8a8_quantizer
 
 # Static observers: llm-compressor's defaults (``minmax`` for INT8, ``static_minmax``
 # as in its FP8 preset), its MSE clipping, and their spike-free counterparts.

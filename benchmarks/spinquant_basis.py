@@ -18,9 +18,9 @@ import torch
 from llmcompressor.core import State
 from llmcompressor.modifiers.transform import SpinQuantModifier
 
-from iq_transform.data import TextSource, evaluation_windows, load_text
-from iq_transform.detect import token_max
+from iq_transform.evaluation.data import TextSource, evaluation_windows, load_text
 from iq_transform.models import load_model
+from iq_transform.spikefree.detect import token_max
 
 
 @torch.no_grad()

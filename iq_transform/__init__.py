@@ -3,16 +3,25 @@
 Importing the package registers ``SpikeFreeModifier`` and the baselines'
 ``PrefixQuantModifier`` (for YAML recipes) and the ``spikefree_*`` observers with
 llm-compressor.
+
+Subpackages, from the bottom up (each imports only those below it):
+``models`` (specs, loading, the architecture mapping), ``spikefree`` (the method),
+``evaluation`` (text, perplexity, spike measurements), ``baselines``,
+``composition`` (config groups -> recipe -> oneshot -> results), ``reports``,
+``cli`` (the Hydra apps).
 """
 
 from iq_transform.baselines import PrefixQuantModifier
-from iq_transform.modifier import SpikeFreeModifier, SpikeFreeOrderError
-from iq_transform.observers import (
+from iq_transform.spikefree import (
     SpikeFreeMinMaxObserver,
+    SpikeFreeModifier,
     SpikeFreeMSEObserver,
+    SpikeFreeOrderError,
+    SpikeFreeRuntime,
     SpikeFreeStaticMinMaxObserver,
+    get_runtime,
+    insert_templates,
 )
-from iq_transform.runtime import SpikeFreeRuntime, get_runtime, insert_templates
 
 __version__ = "0.1.0"
 

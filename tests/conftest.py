@@ -1,9 +1,9 @@
 import pytest
 import torch
 
-from iq_transform.data import TextSource, calibration_windows, load_documents
+from iq_transform.evaluation.data import TextSource, calibration_windows, load_documents
 from iq_transform.models import load_model
-from iq_transform.toy import build_planted_spike_model
+from iq_transform.models.toy import build_planted_spike_model
 
 TEXT = (
     "The quick brown fox jumps over the lazy dog. Pack my box with five dozen "

@@ -3,9 +3,9 @@ import json
 import pytest
 import torch
 
-from iq_transform.analysis import analyze_spikes
-from iq_transform.detect import spike_token_mask
-from iq_transform.plotting import plot_spike_report
+from iq_transform.evaluation.spike_analysis import analyze_spikes
+from iq_transform.reports.spike_plot import plot_spike_report
+from iq_transform.spikefree.detect import spike_token_mask
 
 
 def test_spike_token_mask_ratio_padding_and_threshold():
@@ -64,7 +64,7 @@ def test_analysis_finds_the_planted_spikes(planted, planted_windows, tmp_path):
 def test_model_without_spikes_is_reported_not_an_error(planted_windows):
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    from iq_transform.toy import build_char_tokenizer
+    from iq_transform.models.toy import build_char_tokenizer
 
     tokenizer = build_char_tokenizer()
     torch.manual_seed(0)

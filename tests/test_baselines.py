@@ -12,10 +12,10 @@ from iq_transform.baselines import (
     spiky_linears,
     with_prefix,
 )
+from iq_transform.composition.pipeline import apply_recipe
+from iq_transform.composition.schemes import w8a8_quantizer
+from iq_transform.evaluation.perplexity import perplexity
 from iq_transform.models import load_model
-from iq_transform.perplexity import perplexity
-from iq_transform.pipeline import apply_recipe
-from iq_transform.schemes import w8a8_quantizer
 from tests.conftest import TEXT
 from tests.test_cli import run_app
 from tests.test_quantize_cli import TINY_RUN

@@ -15,18 +15,16 @@ from omegaconf import OmegaConf
 
 import iq_transform.cli.quantize  # noqa: F401  (registers the schemas)
 from iq_transform import PrefixQuantModifier, SpikeFreeModifier
-from iq_transform.arch import GEMMA3, get_arch_spec
-from iq_transform.compose import (
+from iq_transform.composition.config import QuantConfig, StagesConfig, TransformConfig
+from iq_transform.composition.pipeline import resolve_recipe
+from iq_transform.composition.plan import TransformPlan
+from iq_transform.composition.recipe import (
     ComposeError,
-    QuantConfig,
-    StagesConfig,
-    TransformConfig,
-    TransformPlan,
     check_group_size,
     compose_recipe,
     smoothquant_mappings,
 )
-from iq_transform.pipeline import resolve_recipe
+from iq_transform.models.arch import GEMMA3, get_arch_spec
 
 CONF = Path(__file__).resolve().parents[1] / "conf"
 

@@ -1,7 +1,7 @@
 import pytest
 import torch
 
-from iq_transform.data import (
+from iq_transform.evaluation.data import (
     DataError,
     TextSource,
     calibration_windows,
@@ -10,8 +10,8 @@ from iq_transform.data import (
     load_documents,
     load_text,
 )
-from iq_transform.perplexity import perplexity
-from iq_transform.toy import build_char_tokenizer
+from iq_transform.evaluation.perplexity import perplexity
+from iq_transform.models.toy import build_char_tokenizer
 
 WIKITEXT = TextSource(path="shared/wikitext-2-raw/wiki.test.raw")
 BROWN = TextSource(path="shared/brown/brown.txt")

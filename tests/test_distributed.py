@@ -8,11 +8,11 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from iq_transform.arch import get_arch_spec
-from iq_transform.modifier import run_calibration_forwards
-from iq_transform.runtime import SpikeFreeRuntime
-from iq_transform.templates import FIRST_TOKEN, MID_SEQUENCE
-from iq_transform.toy import build_char_tokenizer, build_planted_spike_model
+from iq_transform.models.arch import get_arch_spec
+from iq_transform.models.toy import build_char_tokenizer, build_planted_spike_model
+from iq_transform.spikefree.modifier import run_calibration_forwards
+from iq_transform.spikefree.runtime import SpikeFreeRuntime
+from iq_transform.spikefree.templates import FIRST_TOKEN, MID_SEQUENCE
 
 WORLD_SIZE = 2
 SEQLEN = 64

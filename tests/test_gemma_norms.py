@@ -6,9 +6,9 @@ import torch
 from llmcompressor.modeling.offset_norm import norm_calibration_context
 from transformers import Gemma3ForCausalLM, Gemma3TextConfig
 
-from iq_transform.arch import get_arch_spec
-from iq_transform.runtime import SpikeFreeRuntime
-from iq_transform.templates import LayerTemplates, SpikeTemplates
+from iq_transform.models.arch import get_arch_spec
+from iq_transform.spikefree.runtime import SpikeFreeRuntime
+from iq_transform.spikefree.templates import LayerTemplates, SpikeTemplates
 
 
 def tiny_gemma() -> Gemma3ForCausalLM:

@@ -1,5 +1,5 @@
 """
-Tests for :mod:`iq_transform.models` and :mod:`iq_transform.gguf_tokenizer`.
+Tests for :mod:`iq_transform.models` (loading, cache, GGUF conversion, tokenizer).
 
 Tests marked ``slow`` load the real offline models. They share the cache of
 :func:`default_cache_dir` (``$IQ_TRANSFORM_CACHE``), so a CI run converts each GGUF
@@ -17,12 +17,12 @@ import pytest
 import torch
 from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
-from iq_transform import models
 from iq_transform.models import (
     OFFLINE_MODELS,
     ModelSpecError,
     OfflineModel,
     default_cache_dir,
+    gguf,
     load_model,
     offline_model_dir,
     resolve_model_dir,
@@ -124,7 +124,7 @@ def test_interrupted_conversion_leaves_no_cache(monkeypatch, tmp_path):
         (out_dir / "config.json").write_text("{}")
         raise RuntimeError("interrupted")
 
-    monkeypatch.setattr(models, "_save_from_gguf", failing_save)
+    monkeypatch.setattr(gguf, "save_from_gguf", failing_save)
     with pytest.raises(RuntimeError, match="interrupted"):
         resolve_model_dir("smollm2-135m", cache_dir=tmp_path)
     assert list((tmp_path / "models").iterdir()) == []
@@ -182,7 +182,7 @@ def test_second_load_uses_cache(smollm2, monkeypatch):
     def no_conversion(*args, **kwargs):
         raise AssertionError("a cached model was converted again")
 
-    monkeypatch.setattr(models, "_save_from_gguf", no_conversion)
+    monkeypatch.setattr(gguf, "save_from_gguf", no_conversion)
     assert resolve_model_dir("smollm2-135m") == folder
     model, _ = load_model("smollm2-135m", dtype=torch.bfloat16)
     assert model.dtype == torch.bfloat16

@@ -11,10 +11,11 @@ import pytest
 import torch
 from compressed_tensors.offload.cache import DiskCache
 
-from iq_transform.cli.config import ModelConfig, TextConfig
-from iq_transform.models import TOY_MODEL, _max_memory, load_model
-from iq_transform.offload import is_offloaded, onload_once_per_forward
-from iq_transform.pipeline import apply_recipe, evaluate, resolve_recipe
+from iq_transform.composition.config import ModelConfig, TextConfig
+from iq_transform.composition.pipeline import apply_recipe, evaluate, resolve_recipe
+from iq_transform.models import TOY_MODEL, load_model
+from iq_transform.models.loading import _max_memory
+from iq_transform.models.offload import is_offloaded, onload_once_per_forward
 from tests.test_cli import REPO, run_app
 from tests.test_sweep import TINY
 

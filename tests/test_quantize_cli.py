@@ -50,17 +50,17 @@ def test_quantize_app_unknown_recipe_names_the_choices(tmp_path):
 def test_smollm2_spikefree_static_is_much_closer_to_dynamic(tmp_path):
     """A short real run: 4x256 calibration, 2x256 evaluation windows."""
     from iq_transform import SpikeFreeModifier
-    from iq_transform.data import (
+    from iq_transform.composition.pipeline import apply_recipe
+    from iq_transform.composition.schemes import w8a8_quantizer
+    from iq_transform.evaluation.data import (
         TextSource,
         calibration_windows,
         evaluation_windows,
         load_documents,
         load_text,
     )
+    from iq_transform.evaluation.perplexity import perplexity
     from iq_transform.models import load_model
-    from iq_transform.perplexity import perplexity
-    from iq_transform.pipeline import apply_recipe
-    from iq_transform.schemes import w8a8_quantizer
     from tests.test_spikefree import static_int8
 
     _, tokenizer = load_model("smollm2-135m")

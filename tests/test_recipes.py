@@ -5,9 +5,9 @@ import pytest
 import torch
 
 from iq_transform import get_runtime
+from iq_transform.composition.pipeline import RECIPES_DIR, apply_recipe
+from iq_transform.evaluation.perplexity import perplexity
 from iq_transform.models import load_model
-from iq_transform.perplexity import perplexity
-from iq_transform.pipeline import RECIPES_DIR, apply_recipe
 
 RECIPES = sorted(RECIPES_DIR.glob("*.yaml"))
 

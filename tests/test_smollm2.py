@@ -2,9 +2,9 @@
 
 import pytest
 
-from iq_transform.data import TextSource, evaluation_windows, load_text
+from iq_transform.evaluation.data import TextSource, evaluation_windows, load_text
+from iq_transform.evaluation.perplexity import perplexity
 from iq_transform.models import load_model
-from iq_transform.perplexity import perplexity
 
 pytestmark = pytest.mark.slow
 

@@ -7,11 +7,11 @@ import torch
 import yaml
 
 from iq_transform import SpikeFreeModifier, SpikeFreeOrderError, get_runtime
-from iq_transform.data import TextSource
+from iq_transform.composition.pipeline import RECIPES_DIR, apply_recipe
+from iq_transform.composition.schemes import w8a8_quantizer
+from iq_transform.evaluation.data import TextSource
 from iq_transform.models import load_model
-from iq_transform.pipeline import RECIPES_DIR, apply_recipe
-from iq_transform.schemes import w8a8_quantizer
-from iq_transform.templates import FIRST_TOKEN, MID_SEQUENCE
+from iq_transform.spikefree.templates import FIRST_TOKEN, MID_SEQUENCE
 
 
 def static_int8(observer: str):
@@ -143,8 +143,8 @@ def test_observer_scales_exclude_spike_rows(calibration):
 
 
 def test_spikefree_static_int8_beats_plain_static(calibration, fresh):
-    from iq_transform.data import evaluation_windows, load_text
-    from iq_transform.perplexity import perplexity
+    from iq_transform.evaluation.data import evaluation_windows, load_text
+    from iq_transform.evaluation.perplexity import perplexity
 
     _, tokenizer = fresh
     text = load_text(TextSource(path="shared/wikitext-2-raw/wiki.test.raw"))
@@ -243,8 +243,8 @@ def test_unknown_architecture_is_a_clear_error(calibration, fresh):
 def test_spikefree_mse_averages_batches_evenly_and_drops_spike_rows():
     from compressed_tensors.quantization import QuantizationArgs
 
-    from iq_transform.observers import SpikeFreeMSEObserver
-    from iq_transform.rows import set_excluded_rows
+    from iq_transform.spikefree.observers import SpikeFreeMSEObserver
+    from iq_transform.spikefree.rows import set_excluded_rows
 
     args = QuantizationArgs(num_bits=8, type="int", strategy="tensor", symmetric=True)
     torch.manual_seed(0)
@@ -279,7 +279,7 @@ def test_spikefree_mse_wide_search_clips_4_bit_scales_below_the_default_floor():
     from compressed_tensors.quantization.lifecycle import fake_quantize
     from compressed_tensors.quantization.utils import calculate_qparams
 
-    from iq_transform.observers import SpikeFreeMSEObserver
+    from iq_transform.spikefree.observers import SpikeFreeMSEObserver
 
     torch.manual_seed(0)
     batch = torch.randn(1, 2048, 64)

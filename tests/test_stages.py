@@ -13,18 +13,18 @@ from llmcompressor.modifiers.transform import QuIPModifier, SpinQuantModifier
 from llmcompressor.modifiers.transform.smoothquant import SmoothQuantModifier
 
 from iq_transform import SpikeFreeModifier, SpikeFreeOrderError, get_runtime
-from iq_transform.arch import get_arch_spec
-from iq_transform.compose import (
+from iq_transform.composition.pipeline import apply_recipe
+from iq_transform.composition.recipe import (
     QuantConfig,
     StagesConfig,
     TransformConfig,
     compose_recipe,
     smoothquant_mappings,
 )
+from iq_transform.composition.schemes import activation_args, quantizer, weight_args
+from iq_transform.evaluation.perplexity import perplexity
 from iq_transform.models import load_model
-from iq_transform.perplexity import perplexity
-from iq_transform.pipeline import apply_recipe
-from iq_transform.schemes import activation_args, quantizer, weight_args
+from iq_transform.models.arch import get_arch_spec
 from tests.test_compose import composed_config
 
 

@@ -1,6 +1,6 @@
 import torch
 
-from iq_transform.toy import DELIMITER
+from iq_transform.models.toy import DELIMITER
 
 
 def test_planted_spikes_sit_where_planted(planted, planted_windows):

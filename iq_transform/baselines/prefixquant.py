@@ -11,7 +11,7 @@ Here: :func:`find_prefix` picks the prefix from calibration windows,
 :class:`PrefixQuantModifier` (first in the recipe) flags the prefix rows so the
 static observers leave them out (in serving they come from the cache, never from a
 quantized linear). Evaluation computes the prefix cache with quantization off
-(:func:`iq_transform.perplexity.perplexity` with ``prefix=``).
+(:func:`iq_transform.evaluation.perplexity.perplexity` with ``prefix=``).
 """
 
 from __future__ import annotations
@@ -26,9 +26,9 @@ from pydantic import PrivateAttr, field_validator
 from torch import nn
 from transformers import PreTrainedTokenizerBase
 
-from iq_transform.analysis import analyze_spikes
-from iq_transform.arch import get_arch_spec
-from iq_transform.rows import set_excluded_rows
+from iq_transform.evaluation.spike_analysis import analyze_spikes
+from iq_transform.models.arch import get_arch_spec
+from iq_transform.spikefree.rows import set_excluded_rows
 
 __all__ = ["PrefixQuantModifier", "find_prefix", "with_prefix"]
 

@@ -14,7 +14,7 @@ from loguru import logger
 from torch import nn
 from transformers import PreTrainedTokenizerBase
 
-from iq_transform.analysis import LINEAR_INPUT, analyze_spikes
+from iq_transform.evaluation.spike_analysis import LINEAR_INPUT, analyze_spikes
 
 __all__ = ["spiky_linears"]
 

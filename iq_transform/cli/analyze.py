@@ -15,9 +15,10 @@ from hydra.core.hydra_config import HydraConfig
 from loguru import logger
 from omegaconf import OmegaConf
 
-from iq_transform.analysis import analyze_spikes
-from iq_transform.cli.config import AnalyzeConfig, register_configs
-from iq_transform.plotting import plot_spike_report
+from iq_transform.cli.schemas import register_configs
+from iq_transform.composition.config import AnalyzeConfig
+from iq_transform.evaluation.spike_analysis import analyze_spikes
+from iq_transform.reports.spike_plot import plot_spike_report
 
 register_configs()
 

@@ -18,7 +18,7 @@ from pathlib import Path
 
 from loguru import logger
 
-from iq_transform.report import write_report
+from iq_transform.reports.sweep import write_report
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:

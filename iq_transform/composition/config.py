@@ -1,7 +1,10 @@
-"""Typed Hydra configs shared by the command-line apps.
+"""Typed configs of a run: what model, what text, and the three recipe groups.
 
-The YAML files under ``conf/`` fill these dataclasses; Hydra rejects unknown keys and
-wrong types with a message that names them.
+The YAML files under ``conf/`` fill these dataclasses (``conf/model``, ``conf/data``
+and ``conf/eval``, ``conf/quant``, ``conf/transform``, ``conf/stages``); Hydra rejects
+unknown keys and wrong types with a message that names them.
+:class:`QuantizeConfig` and :class:`AnalyzeConfig` are the two apps' whole configs
+(registered with Hydra by :func:`iq_transform.cli.schemas.register_configs`).
 """
 
 from __future__ import annotations
@@ -10,16 +13,8 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import torch
-from hydra.core.config_store import ConfigStore
-from omegaconf import OmegaConf
 
-from iq_transform.compose import (
-    QuantConfig,
-    StagesConfig,
-    TransformConfig,
-    recipe_label,
-)
-from iq_transform.data import (
+from iq_transform.evaluation.data import (
     TextSource,
     calibration_windows,
     evaluation_windows,
@@ -31,9 +26,12 @@ from iq_transform.models import load_model
 __all__ = [
     "ModelConfig",
     "TextConfig",
+    "QuantConfig",
+    "TransformConfig",
+    "StagesConfig",
     "AnalyzeConfig",
     "QuantizeConfig",
-    "register_configs",
+    "recipe_label",
 ]
 
 
@@ -83,7 +81,8 @@ class ModelConfig:
 
 @dataclass
 class TextConfig:
-    """A text source (see :class:`iq_transform.data.TextSource`) and its windows.
+    """A text source (see :class:`iq_transform.evaluation.data.TextSource`) and its
+    windows.
 
     :param num_samples: how many windows
     :param seqlen: tokens per window
@@ -121,6 +120,95 @@ class TextConfig:
             split=self.split,
             text_field=self.text_field,
         )
+
+
+@dataclass
+class QuantConfig:
+    """Weight and activation formats (``conf/quant/*.yaml``).
+
+    :param name: the option's name, recorded in results and reports
+    :param weight_bits: weight bits (8 or 4)
+    :param weight_type: ``int`` or ``float`` (FP8 e4m3)
+    :param weight_strategy: ``channel`` or ``group``
+    :param group_size: input columns per weight scale for ``group``
+    :param activation_bits: activation bits (8 or 4)
+    :param activation_type: ``int`` or ``float``
+    :param dynamic: per-token scales at run time; else static per-tensor scales
+    :param observer: llm-compressor observer of static activation scales
+        (``minmax``, ``static_minmax``, ``mse``); with SpikeFree its ``spikefree_``
+        counterpart is used
+    :param observer_kwargs: options of the static observer (``mse``:
+        ``maxshrink``, the deepest clip searched as a share of the range, and
+        ``patience``, steps without improvement before the search stops)
+    :param ignore: modules left unquantized
+    """
+
+    name: str = "w8a8_static"
+    weight_bits: int = 8
+    weight_type: str = "int"
+    weight_strategy: str = "channel"
+    group_size: int | None = None
+    activation_bits: int = 8
+    activation_type: str = "int"
+    dynamic: bool = False
+    observer: str = "mse"
+    observer_kwargs: dict[str, Any] = field(default_factory=dict)
+    ignore: list[str] = field(default_factory=lambda: ["lm_head"])
+
+
+@dataclass
+class TransformConfig:
+    """What makes activations quantizable first (``conf/transform/*.yaml``).
+
+    :param name: the option's name, recorded in results and reports
+    :param method: ``none``, ``spikefree`` (:class:`SpikeFreeModifier`),
+        ``prefix`` (PrefixQuant-style full-precision prefix) or ``qfem`` (QFeM-style
+        unquantized spiky linears)
+    :param ratio: spike-token ratio to the median token max (SpikeFree's spike
+        tokens, the prefix's outlier tokens, QFeM's threshold)
+    :param num_calibration_samples: calibration windows SpikeFree calibrates on,
+        or the baselines scan
+    :param min_fraction: fraction of sequences that must show a spike at a layer
+    :param norm_templates: insert norm-output templates (else ``down_proj`` only)
+    :param exact_template_rows: template rows skip activation quantization in the
+        linears the templated norms feed (else they are quantized)
+    :param max_prefix_tokens: the longest PrefixQuant-style prefix
+    """
+
+    name: str = "spikefree"
+    method: str = "spikefree"
+    ratio: float = 32.0
+    num_calibration_samples: int = 4
+    min_fraction: float = 0.25
+    norm_templates: bool = True
+    exact_template_rows: bool = True
+    max_prefix_tokens: int = 4
+
+
+@dataclass
+class StagesConfig:
+    """The llm-compressor stages around the quantizer (``conf/stages/*.yaml``).
+
+    :param name: the option's name, recorded in results and reports
+    :param smoothquant: a ``SmoothQuantModifier`` before the quantizer
+    :param smoothing_strength: SmoothQuant's alpha
+    :param rotation: ``null`` or ``quip`` (``QuIPModifier``, online input rotation)
+    :param rotation_type: QuIP's ``transform_type`` (``random-hadamard``,
+        ``hadamard``, ``random-matrix``)
+    :param weights: ``rtn`` (``QuantizationModifier``) or ``gptq``
+        (``GPTQModifier``)
+    :param gptq_block_size: GPTQ's column block size
+    :param gptq_dampening_frac: GPTQ's Hessian dampening
+    """
+
+    name: str = "rtn"
+    smoothquant: bool = False
+    smoothing_strength: float = 0.8
+    rotation: str | None = None
+    rotation_type: str = "random-hadamard"
+    weights: str = "rtn"
+    gptq_block_size: int = 128
+    gptq_dampening_frac: float = 0.01
 
 
 @dataclass
@@ -173,11 +261,14 @@ class QuantizeConfig:
         )
 
 
-def register_configs() -> None:
-    """Make the schemas known to Hydra (called at import of each app module, so
-    launcher workers that re-import it see them too)."""
-    store = ConfigStore.instance()
-    store.store(name="analyze_schema", node=AnalyzeConfig)
-    store.store(name="quantize_schema", node=QuantizeConfig)
-    # ${iq_recipe_label:${recipe},${quant.name},${stages.name},${transform.name}}
-    OmegaConf.register_new_resolver("iq_recipe_label", recipe_label, replace=True)
+def recipe_label(
+    recipe: str | None,
+    quant: str | None = None,
+    stages: str | None = None,
+    transform: str | None = None,
+) -> str:
+    """A short name of a run's recipe: the recipe given, else
+    ``<quant>+<stages>+<transform>``."""
+    if recipe is not None:
+        return str(recipe)
+    return f"{quant}+{stages}+{transform}"

@@ -1,19 +1,14 @@
-"""``iq-quantize``: load a model, oneshot it with a recipe, measure perplexity.
+"""The ``iq-quantize`` job: load a model, oneshot it with a recipe, measure perplexity.
 
 The recipe is composed from the config groups ``quant``, ``transform`` and
-``stages`` (:func:`iq_transform.compose.compose_recipe`) unless ``recipe=`` names a
-YAML. Writes ``results.json`` (model, recipe and its groups, every parameter,
-perplexity, oneshot / SpikeFree / evaluation wall time, spike tokens detected during
-evaluation, the per-layer spike ratio of the quantized linears' inputs before and
-after oneshot, the baselines' prefix / unquantized linears, ``status``) and the
-recipe as ``recipe.yaml`` into the run directory.
-In a multirun (``-m``) a failing job writes ``results.json`` with ``"status":
-"failed"``, the error and its traceback, and the sweep goes on.
-
-Example::
-
-    iq-quantize quant=w8a8_static transform=spikefree stages=gptq model=gemma3-270m
-    iq-quantize -m transform=none,spikefree quant=w8a8_static,w8a8_dynamic
+``stages`` (:func:`iq_transform.composition.recipe.compose_recipe`) unless
+``recipe=`` names a YAML. :func:`run_quantize` writes ``results.json`` (model,
+recipe and its groups, every parameter, perplexity, oneshot / SpikeFree /
+evaluation wall time, spike tokens detected during evaluation, the per-layer spike
+ratio of the quantized linears' inputs before and after oneshot, the baselines'
+prefix / unquantized linears, ``status``) and the recipe as ``recipe.yaml`` into the
+run directory; :func:`write_failure` writes the ``results.json`` of a failed run.
+The Hydra app around it is :mod:`iq_transform.cli.quantize`.
 """
 
 from __future__ import annotations
@@ -22,21 +17,31 @@ import json
 import traceback
 from pathlib import Path
 
-import hydra
 import torch
-from hydra.core.hydra_config import HydraConfig
-from hydra.types import RunMode
 from loguru import logger
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import OmegaConf
 
-from iq_transform.arch import get_arch_spec
-from iq_transform.baselines import plan_transform, with_prefix
-from iq_transform.cli.config import QuantizeConfig, register_configs
-from iq_transform.compose import TransformPlan, check_group_size, compose_recipe
-from iq_transform.pipeline import apply_recipe, evaluate, recipe_yaml, resolve_recipe
-from iq_transform.spike_ratios import linear_input_ratios
+from iq_transform.baselines import with_prefix
+from iq_transform.composition.config import QuantizeConfig
+from iq_transform.composition.pipeline import (
+    apply_recipe,
+    evaluate,
+    recipe_yaml,
+    resolve_recipe,
+)
+from iq_transform.composition.plan import TransformPlan, plan_transform
+from iq_transform.composition.recipe import check_group_size, compose_recipe
+from iq_transform.evaluation.spike_ratios import linear_input_ratios
+from iq_transform.models.arch import get_arch_spec
 
-register_configs()
+__all__ = [
+    "compose_from_config",
+    "oneshot_from_config",
+    "run_info",
+    "run_quantize",
+    "write_failure",
+    "write_results",
+]
 
 # Evaluation windows on which the quantized linears' input spike ratio is measured
 # before and after oneshot (results.json: spike_ratio_before / _after).
@@ -176,24 +181,3 @@ def write_results(output_dir: Path, results: dict) -> None:
     output_dir.mkdir(parents=True, exist_ok=True)
     (output_dir / "results.json").write_text(json.dumps(results, indent=1))
     logger.info(f"wrote {output_dir / 'results.json'}")
-
-
-def is_multirun() -> bool:
-    """Whether this job is one of a ``-m`` sweep."""
-    return HydraConfig.initialized() and HydraConfig.get().mode == RunMode.MULTIRUN
-
-
-@hydra.main(version_base="1.3", config_path="../conf", config_name="quantize")
-def main(config: DictConfig) -> None:
-    typed: QuantizeConfig = OmegaConf.to_object(config)
-    output_dir = Path(typed.output_dir or HydraConfig.get().runtime.output_dir)
-    try:
-        run_quantize(typed, output_dir)
-    except Exception as error:
-        if not is_multirun():
-            raise
-        write_failure(output_dir, typed, error)
-
-
-if __name__ == "__main__":
-    main()

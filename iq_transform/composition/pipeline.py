@@ -11,9 +11,10 @@ from loguru import logger
 from torch import nn
 from transformers import PreTrainedTokenizerBase
 
-from iq_transform.offload import onload_once_per_forward
-from iq_transform.perplexity import PerplexityResult, perplexity
-from iq_transform.runtime import get_runtime
+import iq_transform.baselines  # noqa: F401  (registers PrefixQuantModifier)
+from iq_transform.evaluation.perplexity import PerplexityResult, perplexity
+from iq_transform.models.offload import onload_once_per_forward
+from iq_transform.spikefree import SpikeFreeModifier, get_runtime
 
 __all__ = [
     "RECIPES_DIR",
@@ -24,7 +25,8 @@ __all__ = [
     "evaluate",
 ]
 
-RECIPES_DIR = Path(__file__).resolve().parent.parent / "recipes"
+# the repository's recipes/ (a checkout); installed, iq_transform.recipes
+RECIPES_DIR = Path(__file__).resolve().parents[2] / "recipes"
 NO_RECIPE = ("none", "fp32", "")
 
 
@@ -91,8 +93,6 @@ def apply_recipe(
     """
     from llmcompressor import oneshot
 
-    import iq_transform  # noqa: F401  (registers SpikeFreeModifier and observers)
-
     if calibration.numel() == 0:
         raise ValueError(
             "The calibration set is empty: give at least one calibration sample "
@@ -123,8 +123,6 @@ def apply_recipe(
 
 def _spikefree_seconds() -> float | None:
     from llmcompressor.core import active_session
-
-    from iq_transform.modifier import SpikeFreeModifier
 
     modifiers = active_session().lifecycle.recipe.modifiers
     seconds = [

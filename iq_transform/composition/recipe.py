@@ -11,31 +11,30 @@ groups ``conf/quant``, ``conf/transform`` and ``conf/stages``. The chain is alwa
 with the stages that are not chosen left out. With SpikeFree or a prefix and static
 activation scales, the static observer becomes its ``spikefree_*`` counterpart
 (which drops the rows they flag). The baselines measure the model first
-(:class:`TransformPlan`): QFeM's spiky linears join ``ignore``.
+(:class:`~iq_transform.composition.plan.TransformPlan`): QFeM's spiky linears join
+``ignore``.
 """
 
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass, field, replace
-from typing import Any
+from dataclasses import replace
 
 from loguru import logger
 from torch import nn
 
-from iq_transform.arch import ArchSpec
-from iq_transform.schemes import activation_args, quantizer, weight_args
+from iq_transform.baselines import PrefixQuantModifier
+from iq_transform.composition.config import QuantConfig, StagesConfig, TransformConfig
+from iq_transform.composition.plan import TransformPlan
+from iq_transform.composition.schemes import activation_args, quantizer, weight_args
+from iq_transform.models.arch import ArchSpec
+from iq_transform.spikefree import SpikeFreeModifier
 
 __all__ = [
     "ComposeError",
-    "QuantConfig",
-    "TransformConfig",
-    "StagesConfig",
-    "TransformPlan",
     "SPIKEFREE_OBSERVERS",
     "check_group_size",
     "compose_recipe",
-    "recipe_label",
     "smoothquant_mappings",
     "static_observer",
 ]
@@ -57,107 +56,6 @@ class ComposeError(ValueError):
     """A quant/transform/stages choice that does not make a recipe."""
 
 
-@dataclass
-class QuantConfig:
-    """Weight and activation formats (``conf/quant/*.yaml``).
-
-    :param name: the option's name, recorded in results and reports
-    :param weight_bits: weight bits (8 or 4)
-    :param weight_type: ``int`` or ``float`` (FP8 e4m3)
-    :param weight_strategy: ``channel`` or ``group``
-    :param group_size: input columns per weight scale for ``group``
-    :param activation_bits: activation bits (8 or 4)
-    :param activation_type: ``int`` or ``float``
-    :param dynamic: per-token scales at run time; else static per-tensor scales
-    :param observer: llm-compressor observer of static activation scales
-        (``minmax``, ``static_minmax``, ``mse``); with SpikeFree its ``spikefree_``
-        counterpart is used
-    :param observer_kwargs: options of the static observer (``mse``:
-        ``maxshrink``, the deepest clip searched as a share of the range, and
-        ``patience``, steps without improvement before the search stops)
-    :param ignore: modules left unquantized
-    """
-
-    name: str = "w8a8_static"
-    weight_bits: int = 8
-    weight_type: str = "int"
-    weight_strategy: str = "channel"
-    group_size: int | None = None
-    activation_bits: int = 8
-    activation_type: str = "int"
-    dynamic: bool = False
-    observer: str = "mse"
-    observer_kwargs: dict[str, Any] = field(default_factory=dict)
-    ignore: list[str] = field(default_factory=lambda: ["lm_head"])
-
-
-@dataclass
-class TransformConfig:
-    """What makes activations quantizable first (``conf/transform/*.yaml``).
-
-    :param name: the option's name, recorded in results and reports
-    :param method: ``none``, ``spikefree`` (:class:`SpikeFreeModifier`),
-        ``prefix`` (PrefixQuant-style full-precision prefix) or ``qfem`` (QFeM-style
-        unquantized spiky linears)
-    :param ratio: spike-token ratio to the median token max (SpikeFree's spike
-        tokens, the prefix's outlier tokens, QFeM's threshold)
-    :param num_calibration_samples: calibration windows SpikeFree calibrates on,
-        or the baselines scan
-    :param min_fraction: fraction of sequences that must show a spike at a layer
-    :param norm_templates: insert norm-output templates (else ``down_proj`` only)
-    :param exact_template_rows: template rows skip activation quantization in the
-        linears the templated norms feed (else they are quantized)
-    :param max_prefix_tokens: the longest PrefixQuant-style prefix
-    """
-
-    name: str = "spikefree"
-    method: str = "spikefree"
-    ratio: float = 32.0
-    num_calibration_samples: int = 4
-    min_fraction: float = 0.25
-    norm_templates: bool = True
-    exact_template_rows: bool = True
-    max_prefix_tokens: int = 4
-
-
-@dataclass
-class TransformPlan:
-    """What a baseline measured on the full-precision model before composing.
-
-    :param prefix_ids: PrefixQuant-style prefix token ids (empty: no prefix)
-    :param unquantized: QFeM-style linears left unquantized
-    """
-
-    prefix_ids: list[int] = field(default_factory=list)
-    unquantized: list[str] = field(default_factory=list)
-
-
-@dataclass
-class StagesConfig:
-    """The llm-compressor stages around the quantizer (``conf/stages/*.yaml``).
-
-    :param name: the option's name, recorded in results and reports
-    :param smoothquant: a ``SmoothQuantModifier`` before the quantizer
-    :param smoothing_strength: SmoothQuant's alpha
-    :param rotation: ``null`` or ``quip`` (``QuIPModifier``, online input rotation)
-    :param rotation_type: QuIP's ``transform_type`` (``random-hadamard``,
-        ``hadamard``, ``random-matrix``)
-    :param weights: ``rtn`` (``QuantizationModifier``) or ``gptq``
-        (``GPTQModifier``)
-    :param gptq_block_size: GPTQ's column block size
-    :param gptq_dampening_frac: GPTQ's Hessian dampening
-    """
-
-    name: str = "rtn"
-    smoothquant: bool = False
-    smoothing_strength: float = 0.8
-    rotation: str | None = None
-    rotation_type: str = "random-hadamard"
-    weights: str = "rtn"
-    gptq_block_size: int = 128
-    gptq_dampening_frac: float = 0.01
-
-
 def compose_recipe(
     quant: QuantConfig,
     transform: TransformConfig,
@@ -173,7 +71,7 @@ def compose_recipe(
     :param arch: the model's layout (SmoothQuant mappings come from its
         ``norm_linears``)
     :param plan: what the ``prefix`` / ``qfem`` baselines measured
-        (:func:`iq_transform.baselines.plan_transform`)
+        (:func:`iq_transform.composition.plan.plan_transform`)
     :return: modifiers in order, SpikeFree or the prefix first
     """
     _check_choices(transform, stages)
@@ -183,12 +81,8 @@ def compose_recipe(
         quant = replace(quant, ignore=[*quant.ignore, *plan.unquantized])
     recipe = []
     if transform.method == "prefix" and plan.prefix_ids:
-        from iq_transform.baselines import PrefixQuantModifier
-
         recipe.append(PrefixQuantModifier(prefix_ids=list(plan.prefix_ids)))
     if spikefree:
-        from iq_transform.modifier import SpikeFreeModifier
-
         recipe.append(
             SpikeFreeModifier(
                 ratio=transform.ratio,
@@ -251,8 +145,6 @@ def static_observer(observer: str, spikefree: bool) -> str:
     """
     from llmcompressor.observers import Observer
 
-    import iq_transform  # noqa: F401  (registers the spikefree_* observers)
-
     name = observer
     if spikefree and observer not in SPIKEFREE_OBSERVERS.values():
         if observer not in SPIKEFREE_OBSERVERS:
@@ -279,19 +171,6 @@ def smoothquant_mappings(arch: ArchSpec) -> list[list]:
         [[_suffix_pattern(linear) for linear in linears], _suffix_pattern(norm)]
         for norm, linears in arch.norm_linears.items()
     ]
-
-
-def recipe_label(
-    recipe: str | None,
-    quant: str | None = None,
-    stages: str | None = None,
-    transform: str | None = None,
-) -> str:
-    """A short name of a run's recipe: the recipe given, else
-    ``<quant>+<stages>+<transform>``."""
-    if recipe is not None:
-        return str(recipe)
-    return f"{quant}+{stages}+{transform}"
 
 
 def _quantizer(quant: QuantConfig, stages: StagesConfig, spikefree: bool):

@@ -2,7 +2,7 @@
 
 Hooks record, for every decoder layer's output (the residual stream) and every
 ``nn.Linear`` input, the top |activations|, the median |activation| and each token's
-max |x|. Spike tokens are found per sample with :func:`iq_transform.detect.
+max |x|. Spike tokens are found per sample with :func:`iq_transform.spikefree.detect.
 spike_token_mask`; a spike's life is the run of layers whose residual stream carries
 it, and the ``down_proj``-style inputs at the ends of that run are the sites that
 create and remove it.
@@ -19,8 +19,8 @@ from torch import nn
 from tqdm.auto import tqdm
 from transformers import PreTrainedTokenizerBase
 
-from iq_transform.arch import ArchSpec, get_arch_spec
-from iq_transform.detect import spike_token_mask, token_max_abs
+from iq_transform.models.arch import ArchSpec, get_arch_spec
+from iq_transform.spikefree.detect import spike_token_mask, token_max_abs
 
 __all__ = ["TopActivation", "SiteReport", "SpikeToken", "SpikeReport", "analyze_spikes"]
 

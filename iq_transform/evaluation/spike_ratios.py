@@ -2,10 +2,10 @@
 
 For each decoder layer: the largest, over its ``nn.Linear`` inputs and the
 sequences measured, ratio of a token's max |x| to the median token max of its
-sequence (the spike criterion of :mod:`iq_transform.detect`). Measured on the model
-as it will run: before oneshot (the FP model), and after it, with SpikeFree's
-runtime, a full-precision prefix cache or unquantized linears in place, so a report
-can show what each transform leaves for static scales.
+sequence (the spike criterion of :mod:`iq_transform.spikefree.detect`). Measured on
+the model as it will run: before oneshot (the FP model), and after it, with
+SpikeFree's runtime, a full-precision prefix cache or unquantized linears in place,
+so a report can show what each transform leaves for static scales.
 """
 
 from __future__ import annotations
@@ -13,9 +13,9 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from iq_transform.arch import get_arch_spec
-from iq_transform.detect import token_max
-from iq_transform.perplexity import prefix_cache
+from iq_transform.evaluation.perplexity import prefix_cache
+from iq_transform.models.arch import get_arch_spec
+from iq_transform.spikefree.detect import token_max
 
 __all__ = ["linear_input_ratios"]
 

@@ -99,6 +99,6 @@ def get_arch_spec(model: nn.Module) -> ArchSpec:
     known = sorted(t for spec in ARCHITECTURES for t in spec.model_types)
     raise UnknownArchitectureError(
         f"Unknown architecture: config.model_type={model_type!r}. iq_transform knows "
-        f"{known}. Add an ArchSpec entry for it in iq_transform/arch.py (decoder "
-        "layer path, norm -> linear mapping, MLP down projection)."
+        f"{known}. Add an ArchSpec entry for it in iq_transform/models/arch.py "
+        "(decoder layer path, norm -> linear mapping, MLP down projection)."
     )

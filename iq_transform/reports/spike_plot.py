@@ -9,7 +9,7 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
-from iq_transform.analysis import LINEAR_INPUT, RESIDUAL, SpikeReport  # noqa: E402
+from iq_transform.evaluation.spike_analysis import LINEAR_INPUT, RESIDUAL, SpikeReport  # noqa: E402
 
 __all__ = ["plot_spike_report"]
 

@@ -18,7 +18,7 @@ import torch.distributed as dist
 from compressed_tensors.distributed import is_distributed
 from loguru import logger
 
-from iq_transform.templates import LayerStatistics
+from iq_transform.spikefree.templates import LayerStatistics
 
 __all__ = ["reduce_statistics"]
 

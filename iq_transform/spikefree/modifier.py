@@ -13,9 +13,9 @@ from pydantic import PrivateAttr, field_validator
 from torch import nn
 from tqdm.auto import tqdm
 
-from iq_transform.arch import get_arch_spec
-from iq_transform.runtime import SpikeFreeRuntime, get_runtime
-from iq_transform.templates import SpikeTemplates
+from iq_transform.models.arch import get_arch_spec
+from iq_transform.spikefree.runtime import SpikeFreeRuntime, get_runtime
+from iq_transform.spikefree.templates import SpikeTemplates
 
 __all__ = ["SpikeFreeModifier", "SpikeFreeOrderError"]
 

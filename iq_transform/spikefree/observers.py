@@ -7,7 +7,7 @@ Registered with llm-compressor, so unchanged ``QuantizationModifier`` /
                         symmetric: true, observer: spikefree_minmax}
 
 Each observer removes the rows flagged for the forward in flight
-(:func:`iq_transform.rows.excluded_rows`: SpikeFree's spike tokens, or the
+(:func:`iq_transform.spikefree.rows.excluded_rows`: SpikeFree's spike tokens, or the
 PrefixQuant-style baseline's prefix) before its parent computes statistics; with
 nothing flagged they behave exactly like their parent.
 """
@@ -19,7 +19,7 @@ from llmcompressor.observers import Observer
 from llmcompressor.observers.min_max import MinMaxObserver, StaticMinMaxObserver
 from llmcompressor.observers.mse import MovingAverageMSEObserver
 
-from iq_transform.rows import excluded_rows
+from iq_transform.spikefree.rows import excluded_rows
 
 __all__ = [
     "SpikeFreeMinMaxObserver",

