@@ -11,12 +11,17 @@ a constant one-hot vector, like the first token of a real LLM.
 
 from __future__ import annotations
 
+import hashlib
 import string
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors
 from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+
+from iq_transform.models.cache import cached_build
+from iq_transform.models.registry import TOY_MODEL
 
 __all__ = ["PlantedSpike", "build_char_tokenizer", "build_planted_spike_model"]
 
@@ -79,6 +84,10 @@ def build_planted_spike_model(
     seed: int = 0,
 ) -> tuple[LlamaForCausalLM, PreTrainedTokenizerFast, tuple[PlantedSpike, ...]]:
     """A random tiny Llama (fp32, eval mode) with two planted spike kinds.
+
+    The model is named after a cache folder holding its config and tokenizer (no
+    weights), so it goes straight into ``oneshot``, which reloads
+    ``config._name_or_path``.
 
     :return: model, character tokenizer, and one ``PlantedSpike`` per kind
         (BOS first, then the newline delimiter)
@@ -143,7 +152,26 @@ def build_planted_spike_model(
                 channel,
                 -before[channel].item() / (after - before)[channel].item(),
             )
+    _name_after_its_config(model, tokenizer)
     return model, tokenizer, spikes
+
+
+def _name_after_its_config(
+    model: LlamaForCausalLM, tokenizer: PreTrainedTokenizerFast
+) -> None:
+    """Point ``config._name_or_path`` at a cached folder with this toy's config and
+    tokenizer: llm-compressor's ``oneshot`` loads the config from there to refuse
+    checkpoints quantized in other formats, and fails on an empty name."""
+    digest = hashlib.sha256(model.config.to_json_string().encode()).hexdigest()
+    name = f"{TOY_MODEL}.config-{digest[:12]}"
+
+    def write(staging: Path, work_dir: Path) -> None:
+        model.config.save_pretrained(staging)
+        tokenizer.save_pretrained(staging)
+
+    folder = str(cached_build(name, None, write))
+    model.config._name_or_path = folder
+    model.name_or_path = folder
 
 
 def _reserve_channels(model: LlamaForCausalLM, channels: list[int]) -> None:
