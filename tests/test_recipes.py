@@ -1,6 +1,9 @@
 """Every YAML in recipes/ runs through plain llm-compressor oneshot once
 iq_transform is imported (tiny planted-spike model)."""
 
+import subprocess
+import sys
+
 import pytest
 import torch
 
@@ -31,3 +34,30 @@ def test_recipe_runs_in_plain_oneshot(path, calibration, planted_windows):
     assert hasattr(down_proj, "input_scale") is static
     ppl = perplexity(model, planted_windows, progress=False).ppl
     assert torch.isfinite(torch.tensor(ppl)) and ppl > 1
+
+
+SPIKEFREE_RECIPES = [p for p in RECIPES if "SpikeFreeModifier" in p.read_text()]
+MISSING_IMPORT = "No modifier of type 'SpikeFreeModifier' found."
+
+
+@pytest.mark.parametrize("path", SPIKEFREE_RECIPES, ids=lambda path: path.stem)
+def test_spikefree_recipes_say_to_import_iq_transform(path):
+    header = "".join(
+        line[2:] for line in path.read_text().splitlines(True) if line[:1] == "#"
+    )
+    assert "after `import iq_transform`" in header
+    assert f'"{MISSING_IMPORT}"' in " ".join(header.split())
+
+
+def test_without_the_import_llm_compressor_says_what_the_headers_quote():
+    """A fresh interpreter that never imports iq_transform: the recipe header's
+    quote is the error a user really gets."""
+    code = (
+        "from llmcompressor.recipe import Recipe\n"
+        f"Recipe.create_instance({str(SPIKEFREE_RECIPES[0])!r})\n"
+    )
+    result = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, timeout=300
+    )
+    assert result.returncode != 0
+    assert f"ValueError: {MISSING_IMPORT}" in result.stderr
