@@ -55,6 +55,8 @@ __all__ = ["AUTO_OFFLOAD", "load_model", "resolve_model_dir"]
 
 # compressed-tensors' device map: CPU memory first, disk beyond it
 AUTO_OFFLOAD = "auto_offload"
+# seconds to wait for the hub before calling it unreachable
+HUB_PROBE_TIMEOUT = 5.0
 
 
 def load_model(
@@ -96,11 +98,10 @@ def load_model(
             f"device_map='auto' or '{AUTO_OFFLOAD}' (model.device_map=...)."
         )
     source = resolve_model_dir(spec, cache_dir=cache_dir)
-    if isinstance(source, str):
-        _check_hub_id(source)
+    hub_kwargs = _check_hub_id(source) if isinstance(source, str) else {}
 
     start = time.perf_counter()
-    kwargs = {"dtype": dtype}
+    kwargs = {"dtype": dtype, **hub_kwargs}
     if device_map is not None:
         kwargs["device_map"] = device_map
     if max_memory is not None:
@@ -110,7 +111,7 @@ def load_model(
     with _offloading(device_map):
         model = AutoModelForCausalLM.from_pretrained(source, **kwargs)
     model.eval()
-    tokenizer = AutoTokenizer.from_pretrained(source)
+    tokenizer = AutoTokenizer.from_pretrained(source, **hub_kwargs)
     placement = f", device_map={device_map}" if device_map is not None else ""
     logger.info(
         f"Loaded {spec} ({type(model).__name__}, {dtype}{placement}) from {source} "
@@ -172,15 +173,50 @@ def resolve_model_dir(spec: str, cache_dir: str | Path | None = None) -> Path | 
     return spec
 
 
-def _check_hub_id(spec: str) -> None:
-    """Fetch a hub id's config, turning a failure into a :class:`ModelSpecError`."""
+def _check_hub_id(spec: str) -> dict:
+    """Fetch a hub id's config, turning a failure into a :class:`ModelSpecError`.
+
+    An unreachable hub is found with one short probe instead of the hub client's
+    half a minute of retries; hub models in the local cache still load then.
+
+    :return: keyword arguments for the ``from_pretrained`` calls that follow
+        (``local_files_only`` when the hub is unreachable)
+    """
+    reachable = _hub_reachable()
+    hub_kwargs = {} if reachable else {"local_files_only": True}
     try:
-        AutoConfig.from_pretrained(spec)
+        AutoConfig.from_pretrained(spec, **hub_kwargs)
     except (OSError, ValueError) as err:
+        from huggingface_hub import constants
+
+        if reachable:
+            reason = f"the hub could not provide it ({err})"
+        elif constants.HF_HUB_OFFLINE:
+            reason = "HF_HUB_OFFLINE is set and the local hub cache does not hold it"
+        else:
+            reason = (
+                f"the Hugging Face hub ({constants.ENDPOINT}) is unreachable from "
+                "this machine and the local hub cache does not hold it"
+            )
         raise ModelSpecError(
             f"Unknown model spec {spec!r}: it is not an offline model name, not an "
-            f"existing folder, and the hub could not provide it ({err}). " + spec_help()
+            f"existing folder, and {reason}. " + spec_help()
         ) from err
+    return hub_kwargs
+
+
+def _hub_reachable() -> bool:
+    """One request to the hub's endpoint, no retries (offline mode: False)."""
+    import httpx
+    from huggingface_hub import constants, get_session
+
+    if constants.HF_HUB_OFFLINE:
+        return False
+    try:
+        get_session().head(constants.ENDPOINT, timeout=HUB_PROBE_TIMEOUT)
+    except httpx.HTTPError:
+        return False
+    return True
 
 
 def _ensure_converted(model: OfflineModel, cache_dir: str | Path | None) -> Path:
