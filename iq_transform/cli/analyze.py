@@ -8,6 +8,7 @@ Example::
 from __future__ import annotations
 
 import json
+import sys
 from pathlib import Path
 
 import hydra
@@ -15,12 +16,15 @@ from hydra.core.hydra_config import HydraConfig
 from loguru import logger
 from omegaconf import OmegaConf
 
+from iq_transform.cli.app import check_model_preset, run_job
 from iq_transform.cli.schemas import register_configs
 from iq_transform.composition.config import AnalyzeConfig
 from iq_transform.evaluation.spike_analysis import analyze_spikes
 from iq_transform.reports.spike_plot import plot_spike_report
 
 register_configs()
+
+APP = "iq-analyze"
 
 
 def run_analysis(config: AnalyzeConfig, output_dir: Path) -> dict:
@@ -46,7 +50,17 @@ def run_analysis(config: AnalyzeConfig, output_dir: Path) -> dict:
 
 
 @hydra.main(version_base="1.3", config_path="../conf", config_name="analyze")
-def main(config) -> None:
+def hydra_main(config) -> None:
     typed: AnalyzeConfig = OmegaConf.to_object(config)
     output_dir = Path(typed.output_dir or HydraConfig.get().runtime.output_dir)
-    run_analysis(typed, output_dir)
+    run_job(APP, lambda: run_analysis(typed, output_dir), output_dir)
+
+
+def main() -> None:
+    """Entry point of ``iq-analyze``."""
+    check_model_preset(APP, sys.argv[1:])
+    hydra_main()
+
+
+if __name__ == "__main__":
+    main()

@@ -12,35 +12,39 @@ Example::
 
 from __future__ import annotations
 
+import sys
 from pathlib import Path
 
 import hydra
 from hydra.core.hydra_config import HydraConfig
-from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
 
+from iq_transform.cli.app import check_model_preset, run_job
 from iq_transform.cli.schemas import register_configs
 from iq_transform.composition.config import QuantizeConfig
 from iq_transform.composition.job import run_quantize, write_failure
 
 register_configs()
 
-
-def is_multirun() -> bool:
-    """Whether this job is one of a ``-m`` sweep."""
-    return HydraConfig.initialized() and HydraConfig.get().mode == RunMode.MULTIRUN
+APP = "iq-quantize"
 
 
 @hydra.main(version_base="1.3", config_path="../conf", config_name="quantize")
-def main(config: DictConfig) -> None:
+def hydra_main(config: DictConfig) -> None:
     typed: QuantizeConfig = OmegaConf.to_object(config)
     output_dir = Path(typed.output_dir or HydraConfig.get().runtime.output_dir)
-    try:
-        run_quantize(typed, output_dir)
-    except Exception as error:
-        if not is_multirun():
-            raise
-        write_failure(output_dir, typed, error)
+    run_job(
+        APP,
+        lambda: run_quantize(typed, output_dir),
+        output_dir,
+        on_failure=lambda error: write_failure(output_dir, typed, error),
+    )
+
+
+def main() -> None:
+    """Entry point of ``iq-quantize``."""
+    check_model_preset(APP, sys.argv[1:])
+    hydra_main()
 
 
 if __name__ == "__main__":

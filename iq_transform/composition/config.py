@@ -10,6 +10,7 @@ unknown keys and wrong types with a message that names them.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -267,8 +268,13 @@ def recipe_label(
     stages: str | None = None,
     transform: str | None = None,
 ) -> str:
-    """A short name of a run's recipe: the recipe given, else
+    """A short name of a run's recipe, one folder name long: the recipe's name (a
+    YAML path gives its file name without ``.yaml``), else
     ``<quant>+<stages>+<transform>``."""
     if recipe is not None:
-        return str(recipe)
+        return Path(str(recipe)).stem if _is_path(str(recipe)) else str(recipe)
     return f"{quant}+{stages}+{transform}"
+
+
+def _is_path(recipe: str) -> bool:
+    return "/" in recipe or "\\" in recipe or recipe.endswith((".yaml", ".yml"))
