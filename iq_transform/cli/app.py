@@ -1,7 +1,8 @@
 """What each Hydra app does around its job.
 
-- The job's log goes into the run folder (``<run>/<app>.log``): llm-compressor and
-  iq_transform log through loguru, which Hydra's file handler does not see.
+- The job's log goes into the run folder (``quantize.log``, ``analyze.log``):
+  llm-compressor and iq_transform log through loguru, which Hydra's file handler
+  does not see.
 - Expected user errors (a bad recipe, data path, model spec, recipe order: every
   ``ValueError`` and ``FileNotFoundError``) print one line, ``<app>: error: ...``,
   with the hint the error carries; ``HYDRA_FULL_ERROR=1`` shows the traceback.
