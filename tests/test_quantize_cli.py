@@ -87,3 +87,28 @@ def test_smollm2_spikefree_static_is_much_closer_to_dynamic(tmp_path):
     gap_spikefree = ppl["spikefree"] - ppl["dynamic"]
     assert gap_static > 0.3 * ppl["dynamic"]  # the spike really ruins static scales
     assert gap_spikefree < 0.5 * gap_static, ppl
+
+
+def test_the_app_runs_as_a_module_as_the_benchmarks_call_it(tmp_path):
+    """``python -m iq_transform.cli.quantize`` (benchmarks/composition_table.py)
+    finds the packaged configs like the console script does."""
+    import subprocess
+    import sys
+
+    result = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "iq_transform.cli.quantize",
+            *TINY_RUN,
+            "recipe=none",
+            f"hydra.run.dir={tmp_path / 'run'}",
+        ],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    results = json.loads((tmp_path / "run" / "results.json").read_text())
+    assert results["recipe"] == "none" and results["ppl"] > 1

@@ -49,7 +49,9 @@ def run_analysis(config: AnalyzeConfig, output_dir: Path) -> dict:
     return result
 
 
-@hydra.main(version_base="1.3", config_path="../conf", config_name="analyze")
+@hydra.main(
+    version_base="1.3", config_path="pkg://iq_transform.conf", config_name="analyze"
+)
 def hydra_main(config) -> None:
     typed: AnalyzeConfig = OmegaConf.to_object(config)
     output_dir = Path(typed.output_dir or HydraConfig.get().runtime.output_dir)

@@ -29,7 +29,9 @@ register_configs()
 APP = "iq-quantize"
 
 
-@hydra.main(version_base="1.3", config_path="../conf", config_name="quantize")
+@hydra.main(
+    version_base="1.3", config_path="pkg://iq_transform.conf", config_name="quantize"
+)
 def hydra_main(config: DictConfig) -> None:
     typed: QuantizeConfig = OmegaConf.to_object(config)
     output_dir = Path(typed.output_dir or HydraConfig.get().runtime.output_dir)
