@@ -13,7 +13,18 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-__all__ = ["ArchSpec", "ARCHITECTURES", "UnknownArchitectureError", "get_arch_spec"]
+__all__ = [
+    "ArchSpec",
+    "ARCHITECTURES",
+    "SPIKEFREE_SUFFIX",
+    "UnknownArchitectureError",
+    "base_model_type",
+    "get_arch_spec",
+]
+
+# A checkpoint saved with SpikeFree names its model type ``<base>_spikefree`` (so a
+# process without iq_transform cannot load it as the plain, broken model).
+SPIKEFREE_SUFFIX = "_spikefree"
 
 
 class UnknownArchitectureError(ValueError):
@@ -87,12 +98,20 @@ GEMMA3 = ArchSpec(
 ARCHITECTURES: tuple[ArchSpec, ...] = (LLAMA, GEMMA3)
 
 
-def get_arch_spec(model: nn.Module) -> ArchSpec:
-    """Look up the layout of ``model`` from its ``config.model_type``."""
-    config = getattr(model, "config", None)
+def base_model_type(config) -> str | None:
+    """``config.model_type`` without the SpikeFree checkpoint suffix (Gemma-3's
+    multimodal wrapper: its text model's type)."""
     model_type = getattr(config, "model_type", None)
     if model_type == "gemma" and hasattr(config, "text_config"):
         model_type = config.text_config.model_type
+    if model_type is not None:
+        model_type = model_type.removesuffix(SPIKEFREE_SUFFIX)
+    return model_type
+
+
+def get_arch_spec(model: nn.Module) -> ArchSpec:
+    """Look up the layout of ``model`` from its ``config.model_type``."""
+    model_type = base_model_type(getattr(model, "config", None))
     for spec in ARCHITECTURES:
         if model_type in spec.model_types:
             return spec

@@ -49,12 +49,26 @@ __all__ = [
     "insert_templates",
     "SpikeFreeRuntime",
     "get_runtime",
+    "on_runtime_installed",
 ]
 
 _RUNTIME_ATTRIBUTE = "_spikefree_runtime"
 # A carrier stays a carrier while its max |x| keeps at least this share of the
 # previous layer's: removal can take several layers (SmolLM2: 24.5k, 10k, 4.4k).
 CARRIER_DROP = 0.25
+# Called with every runtime installed; the checkpoint export registers the hook that
+# keeps the runtime in ``save_pretrained`` (it sits above the method, so it cannot
+# be imported from here).
+_INSTALL_CALLBACKS: list = []
+
+
+def on_runtime_installed(callback) -> None:
+    """Run ``callback(runtime)`` whenever a :class:`SpikeFreeRuntime` is installed.
+
+    :param callback: a callable taking the runtime (registered once)
+    """
+    if callback not in _INSTALL_CALLBACKS:
+        _INSTALL_CALLBACKS.append(callback)
 
 
 def insert_templates(
@@ -365,6 +379,8 @@ class SpikeFreeRuntime:
             model.register_forward_hook(self._after_model),
         ]
         setattr(model, _RUNTIME_ATTRIBUTE, self)
+        for callback in _INSTALL_CALLBACKS:
+            callback(self)
 
     # -- model-level bookkeeping ----------------------------------------------
     def _before_model(self, module, args, kwargs):

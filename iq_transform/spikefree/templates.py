@@ -183,3 +183,30 @@ class SpikeTemplates:
             if t.down_template is not None:
                 state[prefix + "down_template"] = t.down_template
         return state
+
+    @classmethod
+    def from_state_dict(cls, state: dict[str, torch.Tensor]) -> SpikeTemplates:
+        """The inverse of :meth:`state_dict`.
+
+        :param state: flat tensors as :meth:`state_dict` writes them
+        :raises KeyError: a key that is not a template or threshold, or a layer
+            without both thresholds
+        """
+        layers: dict[int, dict] = {}
+        for key, tensor in state.items():
+            parts = key.split(".", 2)
+            if len(parts) < 3 or parts[0] != "layers" or not parts[1].isdigit():
+                raise KeyError(f"not a SpikeFree tensor: {key!r}")
+            fields = layers.setdefault(int(parts[1]), {"norm_templates": {}})
+            name = parts[2]
+            if name.startswith("norm_templates."):
+                fields["norm_templates"][name.removeprefix("norm_templates.")] = tensor
+            elif name in ("residual_threshold", "down_threshold", "down_template"):
+                fields[name] = tensor
+            else:
+                raise KeyError(f"not a SpikeFree tensor: {key!r}")
+        for index, fields in layers.items():
+            for name in ("residual_threshold", "down_threshold"):
+                if name not in fields:
+                    raise KeyError(f"layers.{index}.{name} is missing")
+        return cls({index: LayerTemplates(**f) for index, f in layers.items()})
