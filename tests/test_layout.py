@@ -12,6 +12,7 @@ PACKAGE = REPO / "iq_transform"
 LAYERS = (
     "models",
     "spikefree",
+    "export",
     "evaluation",
     "baselines",
     "composition",

@@ -242,6 +242,9 @@ class QuantizeConfig:
     :param pipeline: llm-compressor pipeline (``independent``, ``sequential``,
         ``basic``)
     :param output_dir: where results.json and recipe.yaml go (default: run dir)
+    :param save_dir: save the quantized model and its tokenizer there after the
+        evaluation (``save_pretrained(save_compressed=True)``, SpikeFree runtime
+        included); ``model.spec=<that folder>`` evaluates it as saved
     """
 
     model: ModelConfig = field(default_factory=ModelConfig)
@@ -253,6 +256,7 @@ class QuantizeConfig:
     recipe: str | None = None
     pipeline: str = "independent"
     output_dir: str | None = None
+    save_dir: str | None = None
     progress: bool = True
 
     def recipe_label(self) -> str:

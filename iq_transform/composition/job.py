@@ -14,6 +14,7 @@ The Hydra app around it is :mod:`iq_transform.cli.quantize`.
 from __future__ import annotations
 
 import json
+import shutil
 import traceback
 from pathlib import Path
 
@@ -30,8 +31,13 @@ from iq_transform.composition.pipeline import (
     resolve_recipe,
 )
 from iq_transform.composition.plan import TransformPlan, plan_transform
-from iq_transform.composition.recipe import check_group_size, compose_recipe
+from iq_transform.composition.recipe import (
+    ComposeError,
+    check_group_size,
+    compose_recipe,
+)
 from iq_transform.evaluation.spike_ratios import linear_input_ratios
+from iq_transform.export.save import save_checkpoint
 from iq_transform.models.arch import get_arch_spec
 
 __all__ = [
@@ -46,6 +52,8 @@ __all__ = [
 # Evaluation windows on which the quantized linears' input spike ratio is measured
 # before and after oneshot (results.json: spike_ratio_before / _after).
 RATIO_WINDOWS = 2
+# results.json's recipe of a model evaluated as it was saved
+SAVED = "saved"
 
 
 def run_info(config: QuantizeConfig) -> dict:
@@ -109,12 +117,20 @@ def oneshot_from_config(
 def run_quantize(config: QuantizeConfig, output_dir: Path) -> dict:
     """The whole job; returns what it writes to ``results.json``.
 
+    A model loaded already quantized (``model.spec=<a saved folder>``) is evaluated
+    as saved, its SpikeFree runtime included. With ``save_dir`` the quantized model
+    and its tokenizer are saved there after the evaluation.
+
     :param config: the run's configuration
     :param output_dir: where ``results.json`` and ``recipe.yaml`` go
     """
     composed = config.recipe is None
     recipe_path = None if composed else resolve_recipe(config.recipe)
     model, tokenizer = config.model.load()
+    as_saved = _is_quantized(model)
+    if as_saved:
+        _check_evaluated_as_saved(config, recipe_path)
+        composed = False
     recipe, plan = recipe_path, TransformPlan()
     if composed or recipe_path is not None:
         calibration = config.data.calibration_windows(tokenizer)
@@ -127,16 +143,24 @@ def run_quantize(config: QuantizeConfig, output_dir: Path) -> dict:
         oneshot_seconds, spikefree_seconds = oneshot_from_config(
             config, model, tokenizer, recipe, calibration, plan
         )
+    if recipe is not None or as_saved:
         ratios_after = linear_input_ratios(
             model, windows[:RATIO_WINDOWS], plan.prefix_ids, plan.unquantized
         )
     result, eval_seconds, spikes = evaluate(
         model, windows, progress=config.progress, prefix=plan.prefix_ids
     )
+    info = run_info(config)
+    if as_saved:
+        info.update(recipe=SAVED, quant=None, transform=None, stages=None)
+    if config.save_dir is not None:
+        save_checkpoint(model, tokenizer, Path(config.save_dir).expanduser())
     results = {
-        **run_info(config),
+        **info,
         "status": "ok",
         "recipe_path": str(recipe_path) if recipe_path else None,
+        "evaluated_as_saved": as_saved,
+        "save_dir": config.save_dir,
         "ppl": result.ppl,
         "eval": result.to_dict(),
         "oneshot_seconds": oneshot_seconds,
@@ -151,11 +175,29 @@ def run_quantize(config: QuantizeConfig, output_dir: Path) -> dict:
     write_results(output_dir, results)
     if recipe is not None:
         (output_dir / "recipe.yaml").write_text(recipe_yaml(recipe))
+    elif (
+        as_saved and (saved_recipe := Path(config.model.spec) / "recipe.yaml").is_file()
+    ):
+        shutil.copy(saved_recipe, output_dir / "recipe.yaml")
     print(
-        f"{config.model.spec} | {config.recipe_label()} | WikiText-2 PPL "
+        f"{config.model.spec} | {info['recipe']} | WikiText-2 PPL "
         f"{result.ppl:.3f} ({result.num_windows}x{result.seqlen})"
     )
     return results
+
+
+def _is_quantized(model) -> bool:
+    """Whether the model was loaded already quantized (a saved checkpoint)."""
+    return getattr(model.config, "quantization_config", None) is not None
+
+
+def _check_evaluated_as_saved(config: QuantizeConfig, recipe_path) -> None:
+    if recipe_path is not None:
+        raise ComposeError(
+            f"model.spec={config.model.spec} is already quantized, so iq-quantize "
+            f"evaluates it as saved: leave recipe unset (recipe={config.recipe} "
+            "would quantize it again), or give the unquantized model."
+        )
 
 
 def write_failure(output_dir: Path, config: QuantizeConfig, error: Exception) -> dict:
