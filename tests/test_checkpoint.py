@@ -405,3 +405,20 @@ def test_smollm2_checkpoints_reload_exactly(recipe, tmp_path):
     assert after["ppl"] == pytest.approx(before["ppl"], rel=1e-4)
     torch.testing.assert_close(after["logits"], before["logits"], rtol=1e-4, atol=1e-4)
     assert torch.equal(after["tokens"], before["tokens"])
+
+
+def test_a_quip_checkpoint_without_spikefree_gets_its_rotations_back(
+    calibration, planted_windows, tmp_path
+):
+    """transformers 5.17 skips transform_config; load_model attaches the online
+    rotations, so a plain QuIP baseline can be re-evaluated as saved too."""
+    model, tokenizer = quantized("w8a8_static", "quip_gptq", calibration, False)
+    with torch.no_grad():
+        before = model(planted_windows).logits
+    model.save_pretrained(tmp_path, save_compressed=True)
+    tokenizer.save_pretrained(tmp_path)
+    plain = AutoModelForCausalLM.from_pretrained(tmp_path)
+    reloaded, _ = load_model(str(tmp_path))
+    with torch.no_grad():
+        assert not torch.allclose(plain(planted_windows).logits, before, atol=1e-2)
+        torch.testing.assert_close(reloaded(planted_windows).logits, before)

@@ -50,6 +50,7 @@ from iq_transform.models.registry import (
     OfflineModel,
     spec_help,
 )
+from iq_transform.models.transforms import attach_online_transforms
 
 __all__ = ["AUTO_OFFLOAD", "load_model", "resolve_model_dir"]
 
@@ -110,6 +111,8 @@ def load_model(
         kwargs["offload_folder"] = str(Path(offload_folder).expanduser())
     with _offloading(device_map):
         model = AutoModelForCausalLM.from_pretrained(source, **kwargs)
+    # a QuIP checkpoint's online rotations (a SpikeFree one has them already)
+    attach_online_transforms(model, source, **hub_kwargs)
     model.eval()
     tokenizer = AutoTokenizer.from_pretrained(source, **hub_kwargs)
     placement = f", device_map={device_map}" if device_map is not None else ""
