@@ -13,6 +13,7 @@ LAYERS = (
     "models",
     "spikefree",
     "export",
+    "kernels",
     "evaluation",
     "baselines",
     "composition",
