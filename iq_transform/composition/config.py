@@ -245,6 +245,9 @@ class QuantizeConfig:
     :param save_dir: save the quantized model and its tokenizer there after the
         evaluation (``save_pretrained(save_compressed=True)``, SpikeFree runtime
         included); ``model.spec=<that folder>`` evaluates it as saved
+    :param execute: ``int8_cpu`` evaluates the model run in real int8 CPU kernels
+        (:func:`iq_transform.kernels.to_int8_cpu`), beside its fake-quantized
+        perplexity (``ppl_fake_quantized``); ``null`` evaluates it fake-quantized
     """
 
     model: ModelConfig = field(default_factory=ModelConfig)
@@ -257,6 +260,7 @@ class QuantizeConfig:
     pipeline: str = "independent"
     output_dir: str | None = None
     save_dir: str | None = None
+    execute: str | None = None
     progress: bool = True
 
     def recipe_label(self) -> str:

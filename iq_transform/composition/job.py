@@ -38,6 +38,7 @@ from iq_transform.composition.recipe import (
 )
 from iq_transform.evaluation.spike_ratios import linear_input_ratios
 from iq_transform.export.save import save_checkpoint
+from iq_transform.kernels import check_executor, execute
 from iq_transform.models.arch import get_arch_spec
 
 __all__ = [
@@ -126,6 +127,8 @@ def run_quantize(config: QuantizeConfig, output_dir: Path) -> dict:
     """
     composed = config.recipe is None
     recipe_path = None if composed else resolve_recipe(config.recipe)
+    if config.execute is not None:
+        check_executor(config.execute)  # before the minutes of oneshot
     model, tokenizer = config.model.load()
     as_saved = _is_quantized(model)
     if as_saved:
@@ -147,13 +150,21 @@ def run_quantize(config: QuantizeConfig, output_dir: Path) -> dict:
         ratios_after = linear_input_ratios(
             model, windows[:RATIO_WINDOWS], plan.prefix_ids, plan.unquantized
         )
+    fake_quantized = None
+    if config.execute is not None:
+        fake_quantized, _, _ = evaluate(
+            model, windows, progress=config.progress, prefix=plan.prefix_ids
+        )
+        if config.save_dir is not None:  # the checkpoint holds the float weights
+            save_checkpoint(model, tokenizer, Path(config.save_dir).expanduser())
+        execute(model, config.execute)
     result, eval_seconds, spikes = evaluate(
         model, windows, progress=config.progress, prefix=plan.prefix_ids
     )
     info = run_info(config)
     if as_saved:
         info.update(recipe=SAVED, quant=None, transform=None, stages=None)
-    if config.save_dir is not None:
+    if config.save_dir is not None and config.execute is None:
         save_checkpoint(model, tokenizer, Path(config.save_dir).expanduser())
     results = {
         **info,
@@ -163,6 +174,8 @@ def run_quantize(config: QuantizeConfig, output_dir: Path) -> dict:
         "save_dir": config.save_dir,
         "ppl": result.ppl,
         "eval": result.to_dict(),
+        "execute": config.execute,
+        "ppl_fake_quantized": None if fake_quantized is None else fake_quantized.ppl,
         "oneshot_seconds": oneshot_seconds,
         "spikefree_calibration_seconds": spikefree_seconds,
         "eval_seconds": eval_seconds,
@@ -179,9 +192,13 @@ def run_quantize(config: QuantizeConfig, output_dir: Path) -> dict:
         as_saved and (saved_recipe := Path(config.model.spec) / "recipe.yaml").is_file()
     ):
         shutil.copy(saved_recipe, output_dir / "recipe.yaml")
+    executed = "" if config.execute is None else f" executed {config.execute}"
+    reference = (
+        "" if fake_quantized is None else f" (fake-quantized {fake_quantized.ppl:.3f})"
+    )
     print(
-        f"{config.model.spec} | {info['recipe']} | WikiText-2 PPL "
-        f"{result.ppl:.3f} ({result.num_windows}x{result.seqlen})"
+        f"{config.model.spec} | {info['recipe']} | WikiText-2 PPL{executed} "
+        f"{result.ppl:.3f}{reference} ({result.num_windows}x{result.seqlen})"
     )
     return results
 

@@ -2,4 +2,44 @@
 
 It sits above the method and the checkpoint export (it converts what they
 produce) and below evaluation and composition (which run what it converts).
+
+- :mod:`~iq_transform.kernels.int8_cpu`: static W8A8 INT8 in oneDNN's int8 GEMM
+  (:func:`to_int8_cpu`)
 """
+
+from __future__ import annotations
+
+from torch import nn
+
+from iq_transform.kernels.int8_cpu import (
+    Int8ExecutionError,
+    is_int8_executed,
+    to_int8_cpu,
+)
+
+__all__ = [
+    "EXECUTORS",
+    "Int8ExecutionError",
+    "check_executor",
+    "execute",
+    "is_int8_executed",
+    "to_int8_cpu",
+]
+
+# ``iq-quantize execute=<name>``
+EXECUTORS = {"int8_cpu": to_int8_cpu}
+
+
+def check_executor(name: str) -> None:
+    """Refuse an unknown execution path, naming the known ones."""
+    if name not in EXECUTORS:
+        raise ValueError(
+            f"execute={name!r} is not an execution path; choose one of "
+            f"{sorted(EXECUTORS)} (or leave execute unset for fake quantization)."
+        )
+
+
+def execute(model: nn.Module, name: str) -> nn.Module:
+    """Convert ``model`` in place to run in the execution path ``name``."""
+    check_executor(name)
+    return EXECUTORS[name](model)

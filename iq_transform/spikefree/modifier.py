@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import time
 
@@ -168,7 +169,9 @@ class SpikeFreeModifier(Modifier):
         runtime.finish_collecting(self.min_fraction, self.down_proj_layers)
         if not self.norm_templates:
             for layer in runtime.layers:
-                layer.templates.norm_templates = {}
+                layer.templates = dataclasses.replace(
+                    layer.templates, norm_templates={}
+                )
         self._templates = runtime.templates
         self.calibration_seconds_ = time.perf_counter() - start
         if not self._templates.has_spikes:

@@ -15,6 +15,12 @@ llm-compressor's layer-major sequential pipeline, shuffled data and padding):
    spike) and ``down_proj``'s output rows become the output template, so the
    residual stream receives exactly what the spike would have written.
 
+Outside calibration the forward never waits for the device: no ``.any()`` or
+``.item()``, no boolean-mask indexing, templates and thresholds kept on the model's
+device; rows are selected with ``torch.where`` over fixed shapes, so the same ops
+run whether a batch has spike tokens or not (and a decode step can be captured in
+a CUDA graph).
+
 Plain torch hooks and an instance-level ``mlp.forward`` are used, not
 ``HooksMixin`` hooks, because they must act in llm-compressor's propagation pass
 too. Observers learn which rows to drop from
@@ -39,6 +45,7 @@ from iq_transform.spikefree.exact_rows import linear_with_unquantized_input
 from iq_transform.spikefree.rows import set_excluded_rows
 from iq_transform.spikefree.templates import (
     FIRST_TOKEN,
+    KINDS,
     MID_SEQUENCE,
     LayerStatistics,
     LayerTemplates,
@@ -47,6 +54,7 @@ from iq_transform.spikefree.templates import (
 
 __all__ = [
     "insert_templates",
+    "template_row_outputs",
     "SpikeFreeRuntime",
     "get_runtime",
     "on_runtime_installed",
@@ -81,22 +89,18 @@ def insert_templates(
     """Overwrite the spike rows of ``output`` with their kind's template.
 
     This is the one place templates enter activations; a fused kernel (norm +
-    insertion + static quantization) replaces exactly this function.
+    insertion + static quantization) replaces exactly this function. It never
+    synchronizes with the device: every row is selected by ``torch.where``.
 
-    :param output: activations (batch, tokens, hidden)
+    :param output: activations (batch, tokens, features)
     :param rows: bool (batch, tokens), the rows to overwrite
     :param kinds: long (batch, tokens), each row's spike kind
-    :param templates: (kinds, hidden)
-    :param scale: optional (hidden,) factor, e.g. the norm's current weight
+    :param templates: (kinds, features), on ``output``'s device
+    :param scale: optional (features,) factor, e.g. the norm's current weight
     """
-    if not bool(rows.any()):
-        return output
-    values = templates.to(output.device)[kinds[rows]]
-    if scale is not None:
-        values = values * scale
-    output = output.clone()
-    output[rows] = values.to(output.dtype)
-    return output
+    values = templates if scale is None else templates * scale
+    values = values.to(device=output.device, dtype=output.dtype)[kinds]
+    return torch.where(rows.unsqueeze(-1), values, output)
 
 
 def _norm_epsilon(norm: nn.Module) -> float:
@@ -122,6 +126,9 @@ class _Forward:
     valid: torch.Tensor
     kinds: torch.Tensor
     carriers: torch.Tensor
+    # (kinds,) flat index of one carrier row of each kind: all carrier rows of a
+    # kind hold the same template, so the exact-row linears compute one row a kind
+    kind_rows: torch.Tensor | None = None
 
 
 class LayerRuntime:
@@ -132,7 +139,8 @@ class LayerRuntime:
         self.runtime, self.index, self.layer = runtime, index, layer
         self.arch = runtime.arch
         self.mlp = layer.get_submodule(self.arch.down_proj.rsplit(".", 1)[0])
-        self.templates: LayerTemplates | None = None
+        self._templates: LayerTemplates | None = None
+        self._resident: LayerTemplates | None = None
         self.statistics: LayerStatistics | None = None
         self.current: _Forward | None = None
         self._norm_handles: dict[int, torch.utils.hooks.RemovableHandle] = {}
@@ -145,6 +153,21 @@ class LayerRuntime:
         self._patch_mlp()
 
     # -- state -----------------------------------------------------------------
+    @property
+    def templates(self) -> LayerTemplates | None:
+        """The layer's templates as calibrated or loaded (float32, any device)."""
+        return self._templates
+
+    @templates.setter
+    def templates(self, templates: LayerTemplates | None) -> None:
+        self._templates, self._resident = templates, None
+
+    def resident_templates(self, device: torch.device) -> LayerTemplates:
+        """The templates on ``device``, copied there once (not at every insertion)."""
+        if self._resident is None or self._resident.device != device:
+            self._resident = self._templates.to(device)
+        return self._resident
+
     @property
     def collecting(self) -> bool:
         return self.statistics is not None
@@ -187,17 +210,29 @@ class LayerRuntime:
         past = _past_length(kwargs.get("past_key_values"), self.layer)
         kinds = _token_kinds(valid, past)
         token_max = detect_token_max(hidden)
-        threshold = None if self.collecting else self.templates.residual_threshold
-        carriers = spike_token_mask(token_max, self.runtime.ratio, valid, threshold)
         if self.collecting:
+            carriers = spike_token_mask(token_max, self.runtime.ratio, valid)
             carriers = carriers | self.runtime.still_carried(token_max)
             self.runtime.remember_carriers(token_max, carriers)
             self._record_residual(token_max, carriers, valid)
-        elif not self.templates.norm_templates:
-            carriers = torch.zeros_like(carriers)
-        self.current = _Forward(valid=valid, kinds=kinds, carriers=carriers)
-        self.runtime.note_spikes(carriers)
-        set_excluded_rows(carriers)
+            state = _Forward(valid=valid, kinds=kinds, carriers=carriers)
+        else:
+            templates = self.resident_templates(hidden.device)
+            if templates.norm_templates:
+                carriers = spike_token_mask(
+                    token_max, self.runtime.ratio, valid, templates.residual_threshold
+                )
+            else:
+                carriers = torch.zeros_like(valid)
+            state = _Forward(
+                valid=valid,
+                kinds=kinds,
+                carriers=carriers,
+                kind_rows=_one_row_per_kind(carriers, kinds),
+            )
+        self.current = state
+        self.runtime.note_spikes(state.carriers)
+        set_excluded_rows(state.carriers)
         self._hook_norms()
 
     def _after_layer(self, module, args, output):
@@ -215,18 +250,19 @@ class LayerRuntime:
     def _norm_hook(self, name: str, norm: nn.Module):
         def after_norm(module, args, output):
             state = self.current
-            if state is None or not bool(state.carriers.any()):
+            if state is None:
                 return None
             if self.collecting:
-                normalized = _normalized(args[0], _norm_epsilon(module))
-                self.statistics.add_rows(
-                    self.statistics.norm_sums[name],
-                    self.statistics.norm_counts[name],
-                    normalized[state.carriers],
-                    state.kinds[state.carriers],
-                )
+                if bool(state.carriers.any()):
+                    normalized = _normalized(args[0], _norm_epsilon(module))
+                    self.statistics.add_rows(
+                        self.statistics.norm_sums[name],
+                        self.statistics.norm_counts[name],
+                        normalized[state.carriers],
+                        state.kinds[state.carriers],
+                    )
                 return None
-            template = self.templates.norm_templates.get(name)
+            template = self.resident_templates(output.device).norm_templates.get(name)
             if template is None:
                 return None
             return insert_templates(
@@ -234,7 +270,7 @@ class LayerRuntime:
                 state.carriers,
                 state.kinds,
                 template,
-                scale=_effective_norm_weight(module, self.arch).to(output.device),
+                scale=_effective_norm_weight(module, self.arch),
             )
 
         return after_norm
@@ -252,18 +288,19 @@ class LayerRuntime:
     def _exact_template_rows(self, norm_name: str, feeds_down_proj: bool):
         def after_linear(module, args, output):
             state = self.current
-            if self.collecting or state is None or not bool(state.carriers.any()):
+            if self.collecting or state is None or state.kind_rows is None:
                 return None
-            if norm_name not in self.templates.norm_templates:
+            templates = self.resident_templates(output.device)
+            if norm_name not in templates.norm_templates:
                 return None
-            if feeds_down_proj and self.templates.down_template is not None:
+            if feeds_down_proj and templates.down_template is not None:
                 return None  # carrier rows are zeroed before down_proj anyway
-            rows = state.carriers
-            output = output.clone()
-            output[rows] = linear_with_unquantized_input(module, args[0][rows]).to(
-                output.dtype
+            return insert_templates(
+                output,
+                state.carriers,
+                state.kinds,
+                template_row_outputs(module, args[0], state.kind_rows),
             )
-            return output
 
         return after_linear
 
@@ -282,26 +319,21 @@ class LayerRuntime:
         down_proj = mlp.get_submodule(self.arch.down_proj.rsplit(".", 1)[1])
         if state is None or hidden.is_meta:
             return down_proj(hidden)
-        down_site = self.collecting or self.templates.down_template is not None
-        if not down_site:
+        if self.collecting:
+            return self._collect_down(down_proj, hidden, state)
+        templates = self.resident_templates(hidden.device)
+        if templates.down_template is None:
             return down_proj(hidden)
-        token_max = detect_token_max(hidden)
-        threshold = None if self.collecting else self.templates.down_threshold
         detected = spike_token_mask(
-            token_max, self.runtime.ratio, state.valid, threshold
+            detect_token_max(hidden),
+            self.runtime.ratio,
+            state.valid,
+            templates.down_threshold,
         )
         rows = detected | state.carriers
         self.runtime.note_spikes(rows)
-        if self.collecting:
-            output = down_proj(hidden)
-            self._record_down(token_max, detected, state, output, rows)
-            return output
-        set_excluded_rows(rows)
-        try:
-            output = down_proj(hidden.masked_fill(rows.unsqueeze(-1), 0.0))
-        finally:
-            set_excluded_rows(state.carriers)
-        return insert_templates(output, rows, state.kinds, self.templates.down_template)
+        output = down_proj(hidden.masked_fill(rows.unsqueeze(-1), 0.0))
+        return insert_templates(output, rows, state.kinds, templates.down_template)
 
     # -- calibration statistics -------------------------------------------------
     def _record_residual(self, token_max, carriers, valid) -> None:
@@ -310,7 +342,14 @@ class LayerRuntime:
         stats.sequences += valid.shape[0]
         stats.sequences_with_carriers += int(carriers.any(dim=-1).sum())
 
-    def _record_down(self, token_max, detected, state, output, rows) -> None:
+    def _collect_down(
+        self, down_proj: nn.Module, hidden: torch.Tensor, state: _Forward
+    ) -> torch.Tensor:
+        token_max = detect_token_max(hidden)
+        detected = spike_token_mask(token_max, self.runtime.ratio, state.valid)
+        rows = detected | state.carriers
+        self.runtime.note_spikes(rows)
+        output = down_proj(hidden)
         stats = self.statistics
         stats.down_gap.update(token_max, state.valid & ~rows, detected)
         stats.sequences_with_down_spikes += int(detected.any(dim=-1).sum())
@@ -318,6 +357,31 @@ class LayerRuntime:
             stats.add_rows(
                 stats.down_sums, stats.down_counts, output[rows], state.kinds[rows]
             )
+        return output
+
+
+def _one_row_per_kind(carriers: torch.Tensor, kinds: torch.Tensor) -> torch.Tensor:
+    """(kinds,) flat index of a carrier row of each kind (0 where a kind has none:
+    its output is then never selected)."""
+    kind_ids = torch.arange(len(KINDS), device=kinds.device)
+    matches = carriers.unsqueeze(-1) & (kinds.unsqueeze(-1) == kind_ids)
+    return matches.flatten(0, -2).int().argmax(dim=0)
+
+
+def template_row_outputs(
+    module: nn.Module, inputs: torch.Tensor, kind_rows: torch.Tensor
+) -> torch.Tensor:
+    """(kinds, out) exact output of ``module`` for each kind's template row.
+
+    A converted linear that precomputed them (``template_outputs``, from constants
+    known before inference) returns those; otherwise one input row per kind is
+    computed with its input quantization skipped.
+    """
+    precomputed = getattr(module, "template_outputs", None)
+    if precomputed is not None:
+        return precomputed
+    rows = inputs.flatten(0, -2).index_select(0, kind_rows)
+    return linear_with_unquantized_input(module, rows)
 
 
 def _past_length(past_key_values, layer: nn.Module) -> int:
@@ -331,13 +395,13 @@ def _past_length(past_key_values, layer: nn.Module) -> int:
 def _token_kinds(valid: torch.Tensor, past: int) -> torch.Tensor:
     """FIRST_TOKEN for each sequence's first valid token of a fresh sequence,
     MID_SEQUENCE for every other token (decode steps included)."""
-    kinds = torch.full(valid.shape, MID_SEQUENCE, dtype=torch.long, device=valid.device)
-    if past == 0:
-        first = valid.int().argmax(dim=-1)
-        has_tokens = valid.any(dim=-1)
-        batch = torch.arange(valid.shape[0], device=valid.device)[has_tokens]
-        kinds[batch, first[has_tokens]] = FIRST_TOKEN
-    return kinds
+    if past > 0:
+        return torch.full(
+            valid.shape, MID_SEQUENCE, dtype=torch.long, device=valid.device
+        )
+    # the first valid token is the one with no valid token before it
+    first = valid & (valid.cumsum(dim=-1) == 1)
+    return torch.where(first, FIRST_TOKEN, MID_SEQUENCE)
 
 
 class SpikeFreeRuntime:
@@ -365,7 +429,7 @@ class SpikeFreeRuntime:
         self.model, self.arch, self.ratio = model, arch, ratio
         self.exact_template_rows = exact_template_rows
         self.attention_mask: torch.Tensor | None = None
-        self.spike_tokens_seen = 0
+        self._seen: torch.Tensor | None = None
         # (batch, tokens) tokens handled in the last model forward, for inspection
         self.last_spike_tokens: torch.Tensor | None = None
         self._forward_rows: torch.Tensor | None = None
@@ -399,9 +463,18 @@ class SpikeFreeRuntime:
 
     def end_forward(self) -> None:
         if self._forward_rows is not None:
-            self.spike_tokens_seen += int(self._forward_rows.sum())
+            # summed on the device; read only when someone asks
+            counted = self._forward_rows.sum()
+            if self._seen is not None:
+                counted = counted + self._seen.to(counted.device)
+            self._seen = counted
         self.last_spike_tokens = self._forward_rows
         self.attention_mask, self._forward_rows = None, None
+
+    @property
+    def spike_tokens_seen(self) -> int:
+        """Spike tokens handled since installation (reading it synchronizes)."""
+        return 0 if self._seen is None else int(self._seen)
 
     @torch.no_grad()
     def calibration_forward(

@@ -57,6 +57,21 @@ class LayerTemplates:
     def carries_spikes(self) -> bool:
         return bool(self.norm_templates) or self.down_template is not None
 
+    @property
+    def device(self) -> torch.device:
+        return self.residual_threshold.device
+
+    def to(self, device: torch.device | str) -> LayerTemplates:
+        """A copy with every tensor on ``device`` (float32 kept: insertion casts)."""
+        return LayerTemplates(
+            residual_threshold=self.residual_threshold.to(device),
+            down_threshold=self.down_threshold.to(device),
+            norm_templates={n: t.to(device) for n, t in self.norm_templates.items()},
+            down_template=None
+            if self.down_template is None
+            else self.down_template.to(device),
+        )
+
 
 def _fill_missing_kinds(sums: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
     """Means per kind; a kind never seen takes the mean of the kinds that were."""

@@ -1,0 +1,264 @@
+"""Run a static per-tensor W8A8 INT8 model in real int8 CPU kernels.
+
+After ``oneshot`` (or loading a saved checkpoint) every quantized Linear still
+computes in float: compressed-tensors fake-quantizes its input and weight.
+:func:`to_int8_cpu` gives each one an int8 forward instead: the input is quantized
+with its calibrated static scale (one fused pass), the product runs in oneDNN's
+int8 GEMM (AMX / VNNI on x86) and is dequantized by the same kernel with the
+per-channel weight scales. The spike-free runtime stays exact: the rows it
+replaces by templates get outputs computed once here, at full precision, from the
+templates (``template_outputs``), so spike rows are never quantized.
+
+Online input rotations (QuIP) stay as they are: forward pre-hooks that rotate the
+float input before it is quantized.
+"""
+
+from __future__ import annotations
+
+import types
+import warnings
+
+import torch
+from compressed_tensors.quantization.lifecycle.forward import quantize
+from loguru import logger
+from torch import nn
+
+from iq_transform.spikefree.exact_rows import linear_with_unquantized_input
+from iq_transform.spikefree.runtime import get_runtime
+
+__all__ = [
+    "EXECUTABLE",
+    "Int8ExecutionError",
+    "Int8StaticLinear",
+    "is_int8_executed",
+    "to_int8_cpu",
+]
+
+EXECUTABLE = (
+    "static per-tensor symmetric INT8 activations with symmetric INT8 weights "
+    "(per channel or per tensor), i.e. a W8A8 static recipe such as "
+    "recipes/w8a8_static_spikefree.yaml"
+)
+_EXECUTED_ATTRIBUTE = "_iq_int8_cpu"
+# its fused per-tensor quantization is the fastest CPU path in torch 2.13 (pinned);
+# deprecated there (torch is pinned), so its warning is not repeated to users
+warnings.filterwarnings("ignore", message="torch.quantize_per_tensor", module=__name__)
+
+
+class Int8ExecutionError(ValueError):
+    """The model cannot be executed in int8 CPU kernels as it is."""
+
+
+def is_int8_executed(model: nn.Module) -> bool:
+    """Whether :func:`to_int8_cpu` has converted ``model``."""
+    return bool(getattr(model, _EXECUTED_ATTRIBUTE, False))
+
+
+class Int8StaticLinear:
+    """The int8 forward of one Linear: everything it needs, computed up front.
+
+    The module's ``forward`` calls it (the module object, its hooks and its
+    submodules stay), so QuIP's rotation hooks and the runtime's exact-row hook
+    keep working.
+
+    :param module: the fake-quantized Linear
+    :param input_scale: its static per-tensor input scale
+    :param codes: (out, in) int8 weight codes
+    :param weight_scale: (out,) float32 per-channel weight scales
+    :param output_dtype: the dtype of the forward's output
+    """
+
+    def __init__(
+        self,
+        module: nn.Linear,
+        input_scale: float,
+        codes: torch.Tensor,
+        weight_scale: torch.Tensor,
+        output_dtype: torch.dtype,
+    ):
+        self.input_scale = input_scale
+        self.out_features = codes.shape[0]
+        self.packed = torch.ops.onednn.qlinear_prepack(codes, None)
+        self.weight_scale = weight_scale
+        self.weight_zero_point = torch.zeros_like(weight_scale, dtype=torch.int32)
+        bias = module.bias
+        self.bias = None if bias is None else bias.detach().float().clone()
+        self.output_dtype = output_dtype
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        flat = x.reshape(-1, x.shape[-1])
+        if flat.dtype != torch.float32:
+            flat = flat.float()
+        codes = torch.quantize_per_tensor(
+            flat, self.input_scale, 0, torch.qint8
+        ).int_repr()
+        output = torch.ops.onednn.qlinear_pointwise(
+            codes,
+            self.input_scale,
+            0,
+            self.packed,
+            self.weight_scale,
+            self.weight_zero_point,
+            self.bias,
+            1.0,
+            0,
+            self.output_dtype,
+            "none",
+            [],
+            "",
+        )
+        return output.reshape(*x.shape[:-1], self.out_features)
+
+
+def _int8_forward(self: nn.Linear, x: torch.Tensor) -> torch.Tensor:
+    # a bound method, as compressed-tensors' offloading expects of a forward
+    return self.int8_kernel(x)
+
+
+def _refusal(name: str, module: nn.Module) -> str | None:
+    """Why ``module`` cannot run in the int8 kernels, or ``None`` if it can."""
+    scheme = module.quantization_scheme
+    weights, inputs = scheme.weights, scheme.input_activations
+    if scheme.output_activations is not None:
+        return f"{name}: quantized outputs"
+    if weights is None or weights.type != "int" or weights.num_bits != 8:
+        return f"{name}: weights {_describe(weights)}"
+    if not weights.symmetric or weights.strategy not in ("channel", "tensor"):
+        return f"{name}: weights {_describe(weights)}"
+    if inputs is None:
+        return f"{name}: weight-only quantization (no input scale)"
+    if inputs.type != "int" or inputs.num_bits != 8 or not inputs.symmetric:
+        return f"{name}: activations {_describe(inputs)}"
+    if inputs.dynamic or inputs.strategy != "tensor":
+        return f"{name}: activations {_describe(inputs)}"
+    if not hasattr(module, "input_scale"):
+        return f"{name}: no calibrated input_scale (run oneshot first)"
+    return None
+
+
+def _describe(args) -> str:
+    if args is None:
+        return "not quantized"
+    kind = "dynamic" if args.dynamic else "static"
+    return (
+        f"{args.type}{args.num_bits} {kind} per-{args.strategy}"
+        f"{'' if args.symmetric else ' asymmetric'}"
+    )
+
+
+def _weight_codes(module: nn.Linear) -> tuple[torch.Tensor, torch.Tensor]:
+    """(out, in) int8 codes and (out,) float32 scales, as the fake-quantized
+    forward uses them."""
+    args = module.quantization_scheme.weights
+    scale = module.weight_scale.detach().float()
+    weight = module.weight.detach()
+    if weight.dtype == torch.int8:  # a compressed checkpoint
+        codes = weight
+    else:
+        zero_point = getattr(module, "weight_zero_point", None)
+        if zero_point is None:
+            zero_point = torch.zeros_like(scale, dtype=torch.int8)
+        codes = quantize(weight.float(), scale, zero_point, args, dtype=torch.int8)
+    return codes.contiguous(), scale.reshape(-1).expand(codes.shape[0]).contiguous()
+
+
+def _through_pre_hooks(module: nn.Module, inputs: torch.Tensor) -> torch.Tensor:
+    """``inputs`` as the module's forward receives them (e.g. QuIP-rotated)."""
+    for hook in module._forward_pre_hooks.values():
+        result = hook(module, (inputs,))
+        if result is not None:
+            inputs = result[0] if isinstance(result, tuple) else result
+    return inputs
+
+
+def _template_outputs(model: nn.Module) -> dict[nn.Module, torch.Tensor]:
+    """Exact (kinds, out) outputs of every linear fed by a templated norm."""
+    runtime = get_runtime(model)
+    if runtime is None or not runtime.exact_template_rows:
+        return {}
+    outputs = {}
+    for layer in runtime.layers:
+        templates = layer.templates
+        if templates is None:
+            continue
+        for norm_name, linear_names in runtime.arch.norm_linears.items():
+            template = templates.norm_templates.get(norm_name)
+            if template is None:
+                continue
+            norm = layer.layer.get_submodule(norm_name)
+            rows = template.float() * runtime.arch.effective_norm_weight(norm)
+            for linear_name in linear_names:
+                linear = layer.layer.get_submodule(linear_name)
+                inputs = _through_pre_hooks(linear, rows.to(linear.weight.dtype))
+                outputs[linear] = linear_with_unquantized_input(linear, inputs).float()
+    return outputs
+
+
+@torch.no_grad()
+def to_int8_cpu(
+    model: nn.Module, output_dtype: torch.dtype = torch.float32
+) -> nn.Module:
+    """Give every quantized Linear of ``model`` an int8 CPU forward, in place.
+
+    All-or-nothing: every module is checked and prepared before the first one is
+    changed, so a refused model is left exactly as it was.
+
+    :param model: a model after ``oneshot`` with a W8A8 static INT8 recipe (with or
+        without SpikeFree), or loaded from such a checkpoint; on the CPU
+    :param output_dtype: what the int8 linears return (``torch.bfloat16`` for a
+        model whose other layers run in bf16)
+    :return: ``model``, converted
+    :raises Int8ExecutionError: nothing to execute, a scheme the kernels cannot
+        run (named, with what can), a model not on the CPU, or no oneDNN
+    """
+    if is_int8_executed(model):
+        raise Int8ExecutionError("The model already runs in int8 CPU kernels.")
+    if not torch.backends.mkldnn.is_available():
+        raise Int8ExecutionError(
+            "This torch build has no oneDNN (torch.backends.mkldnn), which the int8 "
+            "CPU kernels need: install the standard x86 CPU wheel of torch."
+        )
+    quantized = [
+        (name, module)
+        for name, module in model.named_modules()
+        if isinstance(module, nn.Linear)
+        and getattr(module, "quantization_scheme", None) is not None
+    ]
+    if not quantized:
+        raise Int8ExecutionError(
+            "No quantized Linear in the model: int8 CPU execution needs "
+            f"{EXECUTABLE}, applied by oneshot or loaded from its checkpoint."
+        )
+    refusals = [r for name, m in quantized if (r := _refusal(name, m)) is not None]
+    if refusals:
+        shown = "; ".join(refusals[:3]) + (" ..." if len(refusals) > 3 else "")
+        raise Int8ExecutionError(
+            f"{len(refusals)} of {len(quantized)} quantized Linears cannot run in "
+            f"int8 CPU kernels ({shown}). Executable: {EXECUTABLE}."
+        )
+    off_cpu = [name for name, m in quantized if m.weight.device.type != "cpu"]
+    if off_cpu:
+        raise Int8ExecutionError(
+            f"int8 CPU execution needs the model on the CPU; {off_cpu[0]} is on "
+            f"{quantized[0][1].weight.device}: call model.to('cpu') first."
+        )
+    template_outputs = _template_outputs(model)
+    forwards = {}
+    for _, module in quantized:
+        codes, weight_scale = _weight_codes(module)
+        input_scale = float(module.input_scale.detach().float().reshape(-1)[0])
+        forwards[module] = Int8StaticLinear(
+            module, input_scale, codes, weight_scale, output_dtype
+        )
+    # the float weights stay: save_pretrained still writes the checkpoint
+    for module, kernel in forwards.items():
+        module.int8_kernel = kernel
+        module.forward = types.MethodType(_int8_forward, module)
+        if module in template_outputs:
+            module.template_outputs = template_outputs[module]
+    setattr(model, _EXECUTED_ATTRIBUTE, True)
+    logger.info(
+        f"int8 CPU kernels: {len(forwards)} Linears converted, "
+        f"{len(template_outputs)} with exact template rows"
+    )
+    return model

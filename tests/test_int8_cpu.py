@@ -1,0 +1,171 @@
+"""The spike-free static W8A8 model run in real int8 CPU kernels (oneDNN):
+each linear computes what its fake-quantized forward did, template rows come from
+precomputed constants and are never quantized, and a model the kernels cannot run
+is refused untouched."""
+
+import json
+
+import pytest
+import torch
+from compressed_tensors.quantization.lifecycle.forward import forward_quantize
+
+import iq_transform
+from iq_transform import get_runtime
+from iq_transform.evaluation.host_syncs import count_host_syncs
+from iq_transform.evaluation.perplexity import perplexity
+from iq_transform.kernels import Int8ExecutionError, is_int8_executed, to_int8_cpu
+from iq_transform.spikefree.templates import FIRST_TOKEN
+from tests.test_checkpoint import greedy, quantized
+
+CARRIER_LAYER = 2  # the planted model carries its spikes in layers 2-4
+
+
+@pytest.fixture(scope="module")
+def fake_quantized(calibration):
+    return quantized("w8a8_static", "rtn", calibration)
+
+
+@pytest.fixture(scope="module")
+def executed(calibration):
+    model, tokenizer = quantized("w8a8_static", "rtn", calibration)
+    return to_int8_cpu(model), tokenizer
+
+
+def _fake_quantized_linear(module, x: torch.Tensor) -> torch.Tensor:
+    scheme = module.quantization_scheme
+    x = forward_quantize(module, x, "input", scheme.input_activations)
+    weight = forward_quantize(module, module.weight.data, "weight", scheme.weights)
+    return torch.nn.functional.linear(x, weight, module.bias)
+
+
+def test_every_linear_computes_its_fake_quantized_product(executed):
+    model, _ = executed
+    torch.manual_seed(0)
+    linears = [m for m in model.modules() if hasattr(m, "quantization_scheme")]
+    assert len(linears) == 6 * 7  # q k v o gate up down in every decoder layer
+    for module in linears:
+        x = torch.randn(2, 9, module.in_features) * float(module.input_scale) * 40
+        with torch.no_grad():
+            expected = _fake_quantized_linear(module, x)
+            got = module(x)
+        torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
+
+
+def _outputs(model, windows, names):
+    captured = {}
+    hooks = [
+        model.get_submodule(name).register_forward_hook(
+            lambda m, a, o, name=name: captured.__setitem__(name, o.detach())
+        )
+        for name in names
+    ]
+    with torch.no_grad():
+        model(windows)
+    for hook in hooks:
+        hook.remove()
+    return captured
+
+
+def test_template_rows_are_exact_constants_never_quantized(
+    executed, fake_quantized, planted_windows
+):
+    model, _ = executed
+    layer = f"model.layers.{CARRIER_LAYER}"
+    names = [f"{layer}.self_attn.{p}_proj" for p in "qkv"]
+    got = _outputs(model, planted_windows, names)
+    expected = _outputs(fake_quantized[0], planted_windows, names)
+    for name in names:
+        module = model.get_submodule(name)
+        constant = module.template_outputs[FIRST_TOKEN]
+        bos_rows = got[name][:, 0]  # every window starts with BOS, a carrier
+        assert torch.equal(bos_rows, constant.expand_as(bos_rows))
+        torch.testing.assert_close(bos_rows, expected[name][:, 0])
+        # quantized with the ordinary tokens' static scale the row would differ
+        norm = model.get_submodule(f"{layer}.input_layernorm")
+        template = get_runtime(model).layers[CARRIER_LAYER].templates
+        row = template.norm_templates["input_layernorm"][FIRST_TOKEN] * norm.weight
+        with torch.no_grad():
+            clipped = module(row.unsqueeze(0))
+        assert (clipped[0] - constant).abs().max() > 0.1 * constant.abs().max()
+
+
+def test_executed_logits_and_perplexity_follow_the_fake_quantized_model(
+    executed, fake_quantized, planted_windows
+):
+    with torch.no_grad():
+        got = executed[0](planted_windows).logits
+        expected = fake_quantized[0](planted_windows).logits
+    # integer GEMMs round differently from float ones at a few code boundaries
+    assert (got - expected).abs().max() < 0.05 * expected.abs().max()
+    assert (got.argmax(-1) == expected.argmax(-1)).float().mean() > 0.97
+    ppl = perplexity(executed[0], planted_windows, progress=False).ppl
+    reference = perplexity(fake_quantized[0], planted_windows, progress=False).ppl
+    assert ppl == pytest.approx(reference, rel=5e-3)
+
+
+def test_greedy_generation_matches_the_fake_quantized_model(executed, fake_quantized):
+    assert torch.equal(greedy(*executed), greedy(*fake_quantized))
+
+
+def test_the_executed_forward_never_waits(executed, planted_windows):
+    with torch.no_grad():
+        assert count_host_syncs(lambda: executed[0](planted_windows)) == {}
+
+
+def test_a_saved_checkpoint_runs_in_int8_as_it_ran_before_saving(
+    calibration, planted_windows, tmp_path
+):
+    model, tokenizer = quantized("w8a8_static", "rtn", calibration)
+    model.save_pretrained(tmp_path, save_compressed=True)
+    tokenizer.save_pretrained(tmp_path)
+    to_int8_cpu(model)
+    reloaded = to_int8_cpu(iq_transform.load_pretrained(tmp_path))
+    assert is_int8_executed(reloaded)
+    with torch.no_grad():
+        torch.testing.assert_close(
+            reloaded(planted_windows).logits, model(planted_windows).logits
+        )
+
+
+@pytest.mark.parametrize(
+    ("quant", "named"),
+    [("w8a8_dynamic", "int8 dynamic per-token"), ("fp8_static", "float8 static")],
+)
+def test_a_scheme_the_kernels_cannot_run_is_refused_untouched(
+    calibration, planted_windows, quant, named
+):
+    model, _ = quantized(quant, "rtn", calibration)
+    forwards = {m: m.forward for m in model.modules() if hasattr(m, "weight_scale")}
+    with pytest.raises(Int8ExecutionError) as error:
+        to_int8_cpu(model)
+    message = str(error.value)
+    assert named in message and "W8A8 static" in message
+    assert all(m.forward == f for m, f in forwards.items())
+    assert not is_int8_executed(model)
+
+
+def test_an_unquantized_model_is_refused(planted):
+    with pytest.raises(Int8ExecutionError, match="No quantized Linear"):
+        to_int8_cpu(planted[0])
+
+
+def test_a_model_is_converted_once(executed):
+    with pytest.raises(Int8ExecutionError, match="already runs in int8"):
+        to_int8_cpu(executed[0])
+
+
+def test_iq_quantize_evaluates_the_executed_model_beside_the_fake_quantized(
+    tmp_path,
+):
+    from tests.test_cli import run_app
+    from tests.test_quantize_cli import TINY_RUN
+
+    run = run_app("iq-quantize", *TINY_RUN, "execute=int8_cpu", cwd=tmp_path)
+    assert run.returncode == 0, run.stderr[-3000:]
+    results = json.loads(next(tmp_path.rglob("results.json")).read_text())
+    assert results["execute"] == "int8_cpu"
+    assert results["ppl"] == pytest.approx(results["ppl_fake_quantized"], rel=5e-3)
+    assert results["spike_tokens_in_eval"] > 0
+    wrong = run_app("iq-quantize", *TINY_RUN, "execute=int4_npu", cwd=tmp_path)
+    assert wrong.returncode == 1
+    assert "execute='int4_npu' is not an execution path" in wrong.stderr
