@@ -1,0 +1,289 @@
+"""CPU speed of the spike-free static INT8 model against the CPU user's options,
+side by side in one run, as ratios (and its perplexity beside each).
+
+Variants (same model, same tokens, same threads):
+- ``fp32``: the model as loaded;
+- ``bf16``: ``model.to(torch.bfloat16)``;
+- ``dynamic int8``: ``torch.ao.quantization.quantize_dynamic`` on the decoder
+  Linears (dynamic per-tensor activations: what a CPU user gets from PyTorch);
+- ``fake-quant``: W8A8 static + SpikeFree after ``oneshot`` (float kernels);
+- ``int8 static + SpikeFree``: the same model through ``to_int8_cpu``;
+- ``llama.cpp`` (if ``llama-cpp-python`` imports): the model's GGUF and its
+  Q8_0 requantization with llama.cpp's own quantize API.
+
+Prefill runs to the last hidden state plus the last token's logits
+(``logits_to_keep=1``, as generation does); a decode step appends one token to a
+KV cache of ``--cached`` tokens. Times are medians of ``--repeats`` interleaved
+runs; each table gives the linears' FLOPs (prefill) or weight bytes (decode) as
+the hardware floor's measure, and the rate reached.
+
+    python benchmarks/speed_cpu.py --model smollm2-135m --output \
+        benchmarks/results/speed_cpu_smollm2.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import time
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from iq_transform.composition.pipeline import apply_recipe
+from iq_transform.evaluation.data import (
+    TextSource,
+    calibration_windows,
+    evaluation_windows,
+    load_documents,
+    load_text,
+)
+from iq_transform.evaluation.perplexity import perplexity
+from iq_transform.kernels import to_int8_cpu
+from iq_transform.models import get_arch_spec, load_model
+
+RECIPE = "recipes/w8a8_static_spikefree.yaml"
+WIKITEXT = "shared/wikitext-2-raw/wiki.test.raw"
+BROWN = "shared/brown/brown.txt"
+
+
+def decoder_linears(model: nn.Module) -> list[nn.Linear]:
+    layers = get_arch_spec(model).decoder_layers(model)
+    return [m for m in layers.modules() if isinstance(m, nn.Linear)]
+
+
+def linear_flops(model: nn.Module, tokens: int) -> float:
+    """2 x (decoder linear parameters) x tokens, plus the last token's lm_head."""
+    weights = sum(m.in_features * m.out_features for m in decoder_linears(model))
+    head = model.get_output_embeddings()
+    return 2.0 * weights * tokens + 2.0 * head.in_features * head.out_features
+
+
+def weight_bytes(model: nn.Module, bytes_per_weight: float) -> float:
+    weights = sum(m.in_features * m.out_features for m in decoder_linears(model))
+    return weights * bytes_per_weight
+
+
+def prefill(model: nn.Module, ids: torch.Tensor) -> None:
+    with torch.no_grad():
+        model(input_ids=ids, use_cache=False, logits_to_keep=1)
+
+
+def decode_step(model: nn.Module, ids: torch.Tensor, cached: int):
+    """A callable timing one decode step after a prefill of ``cached`` tokens."""
+    with torch.no_grad():
+        out = model(input_ids=ids[:, :cached], use_cache=True, logits_to_keep=1)
+    cache = out.past_key_values
+    step = ids[:, cached : cached + 1]
+
+    def run() -> None:
+        with torch.no_grad():
+            model(input_ids=step, past_key_values=cache, use_cache=True)
+        cache.crop(cached)
+
+    return run
+
+
+def timed(run, repeats: int) -> float:
+    run()  # warm-up: oneDNN picks and caches its kernels
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        run()
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+def build_variants(args, tokenizer_windows) -> dict[str, nn.Module]:
+    base, tokenizer = load_model(args.model)
+    variants = {"fp32": base}
+    bf16, _ = load_model(args.model)
+    variants["bf16"] = bf16.to(torch.bfloat16)
+    dynamic, _ = load_model(args.model)
+    for layer in get_arch_spec(dynamic).decoder_layers(dynamic):
+        torch.ao.quantization.quantize_dynamic(
+            layer, {nn.Linear}, dtype=torch.qint8, inplace=True
+        )
+    variants["dynamic int8 (quantize_dynamic)"] = dynamic
+    calibration = tokenizer_windows(tokenizer, BROWN, args.calib_samples)
+    fake, _ = load_model(args.model)
+    apply_recipe(fake, tokenizer, RECIPE, calibration)
+    variants["fake-quant W8A8 static + SpikeFree"] = fake
+    executed, _ = load_model(args.model)
+    apply_recipe(executed, tokenizer, RECIPE, calibration)
+    variants["int8 static + SpikeFree (to_int8_cpu)"] = to_int8_cpu(executed)
+    return variants, tokenizer
+
+
+def windows_of(tokenizer, path: str, samples: int, seqlen: int = 512):
+    """Calibration windows (random documents) or, for WikiText-2, its first
+    non-overlapping evaluation windows."""
+    if path == WIKITEXT:
+        text = load_text(TextSource(path=path))
+        return evaluation_windows(tokenizer, text, seqlen, samples)
+    documents = load_documents(TextSource(path=path))
+    return calibration_windows(tokenizer, documents, samples, seqlen)
+
+
+def llama_cpp_variants(args, ids: torch.Tensor) -> dict:
+    """Prefill / decode seconds of llama.cpp on the model's GGUF and its Q8_0."""
+    try:
+        import llama_cpp
+    except ImportError:
+        return {}
+    from iq_transform.models.gguf import locate_gguf
+    from iq_transform.models.registry import OFFLINE_MODELS
+
+    work = Path(args.work_dir)
+    work.mkdir(parents=True, exist_ok=True)
+    source = locate_gguf(OFFLINE_MODELS[args.model], work)
+    q8 = work / f"{args.model}.Q8_0.gguf"
+    if not q8.is_file():
+        params = llama_cpp.llama_model_quantize_default_params()
+        params.ftype = llama_cpp.LLAMA_FTYPE_MOSTLY_Q8_0
+        params.allow_requantize = True
+        status = llama_cpp.llama_model_quantize(
+            str(source).encode(), str(q8).encode(), params
+        )
+        if status != 0:
+            raise RuntimeError(f"llama.cpp could not quantize {source} to Q8_0")
+    results = {}
+    for label, path in ((f"llama.cpp {source.name}", source), ("llama.cpp Q8_0", q8)):
+        llm = llama_cpp.Llama(
+            model_path=str(path),
+            n_ctx=max(args.seqlens) + 8,
+            n_batch=max(args.seqlens),
+            n_threads=torch.get_num_threads(),
+            logits_all=False,
+            verbose=False,
+        )
+        rows = {}
+        for seqlen in args.seqlens:
+            tokens = ids[0, :seqlen].tolist()
+
+            def run(llm=llm, tokens=tokens):
+                llm.reset()
+                llm.eval(tokens)
+
+            rows[f"prefill 1x{seqlen}"] = timed(run, args.repeats)
+        cached = ids[0, : args.cached].tolist()
+        next_token = int(ids[0, args.cached])
+
+        def step(llm=llm, cached=cached, next_token=next_token):
+            llm.n_tokens = len(cached)  # drop the step's token again
+            llm.eval([next_token])
+
+        llm.reset()
+        llm.eval(cached)
+        rows[f"decode 1 (+{args.cached} cached)"] = timed(step, args.repeats)
+        results[label] = rows
+    return results
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--model", default="smollm2-135m")
+    parser.add_argument("--seqlens", type=int, nargs="+", default=[512, 2048])
+    parser.add_argument("--batches", type=int, nargs="+", default=[1, 8])
+    parser.add_argument("--cached", type=int, default=512)
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--calib-samples", type=int, default=8)
+    parser.add_argument("--eval-windows", type=int, default=4)
+    parser.add_argument("--threads", type=int, default=None)
+    parser.add_argument(
+        "--work-dir", default=os.path.expanduser("~/.cache/iq_transform/bench")
+    )
+    parser.add_argument("--output", type=Path, default=None)
+    args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    variants, tokenizer = build_variants(args, windows_of)
+    longest = max(args.seqlens)
+    ids = windows_of(tokenizer, WIKITEXT, max(args.batches), longest + 1)
+    evaluation = windows_of(tokenizer, WIKITEXT, args.eval_windows)
+
+    shapes = [(b, s) for s in args.seqlens for b in args.batches]
+    times: dict[str, dict[str, float]] = {name: {} for name in variants}
+    for batch, seqlen in shapes:
+        key = f"prefill {batch}x{seqlen}"
+        for name, model in variants.items():  # interleaved: same machine state
+            inputs = ids[:batch, :seqlen]
+            times[name][key] = timed(
+                lambda m=model, x=inputs: prefill(m, x), args.repeats
+            )
+            print(f"{key} {name}: {times[name][key]:.3f} s", flush=True)
+    for batch in args.batches:
+        key = f"decode {batch} (+{args.cached} cached)"
+        for name, model in variants.items():
+            run = decode_step(model, ids[:batch], args.cached)
+            times[name][key] = timed(run, max(args.repeats, 5))
+            print(f"{key} {name}: {times[name][key] * 1e3:.1f} ms", flush=True)
+    ppl = {
+        name: perplexity(model, evaluation, progress=False).ppl
+        for name, model in variants.items()
+    }
+    times.update(llama_cpp_variants(args, ids))
+
+    fp32 = variants["fp32"]
+    floors = {
+        key: linear_flops(
+            fp32, int(key.split()[1].split("x")[0]) * int(key.split("x")[1])
+        )
+        for key in times["fp32"]
+        if key.startswith("prefill")
+    }
+    report = {
+        "model": args.model,
+        "recipe": RECIPE,
+        "threads": torch.get_num_threads(),
+        "cpu": platform.processor() or platform.machine(),
+        "torch": torch.__version__,
+        "seconds": times,
+        "ppl": ppl,
+        "eval": f"{args.eval_windows}x512 WikiText-2 windows",
+        "prefill_linear_flops": floors,
+        "decode_weight_bytes": {
+            "fp32": weight_bytes(fp32, 4),
+            "bf16": weight_bytes(fp32, 2),
+            "int8": weight_bytes(fp32, 1),
+        },
+    }
+    print_tables(report)
+    if args.output:
+        args.output.parent.mkdir(parents=True, exist_ok=True)
+        args.output.write_text(json.dumps(report, indent=1))
+
+
+def print_tables(report: dict) -> None:
+    times = report["seconds"]
+    names = list(times)
+    keys = list(times["fp32"])
+    header = " | ".join(names)
+    print(f"\n{report['model']}, {report['threads']} threads, speed-up over fp32")
+    print(f"| shape | fp32 (s) | {header} | linear GFLOP / int8 GFLOP/s |")
+    print("|" + "---|" * (len(names) + 3))
+    int8 = next(n for n in names if n.startswith("int8"))
+    for key in keys:
+        base = times["fp32"][key]
+        cells = [
+            f"{base / times[n][key]:.2f}×" if key in times[n] else "–" for n in names
+        ]
+        if key in report["prefill_linear_flops"]:
+            flops = report["prefill_linear_flops"][key]
+            floor = f"{flops / 1e9:.0f} / {flops / times[int8][key] / 1e9:.0f}"
+        else:
+            weights = report["decode_weight_bytes"]["int8"]
+            rate = weights / times[int8][key] / 1e9
+            floor = f"int8 weights {weights / 1e6:.0f} MB: {rate:.1f} GB/s"
+        print(f"| {key} | {base:.3f} | " + " | ".join(cells) + f" | {floor} |")
+    print("\n| variant | WikiText-2 PPL |\n|---|---|")
+    for name, value in report["ppl"].items():
+        print(f"| {name} | {value:.3f} |")
+
+
+if __name__ == "__main__":
+    main()
