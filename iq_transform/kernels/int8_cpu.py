@@ -195,9 +195,7 @@ def _template_outputs(model: nn.Module) -> dict[nn.Module, torch.Tensor]:
 
 
 @torch.no_grad()
-def to_int8_cpu(
-    model: nn.Module, output_dtype: torch.dtype = torch.float32
-) -> nn.Module:
+def to_int8_cpu(model: nn.Module, dtype: torch.dtype = torch.float32) -> nn.Module:
     """Give every quantized Linear of ``model`` an int8 CPU forward, in place.
 
     All-or-nothing: every module is checked and prepared before the first one is
@@ -205,8 +203,10 @@ def to_int8_cpu(
 
     :param model: a model after ``oneshot`` with a W8A8 static INT8 recipe (with or
         without SpikeFree), or loaded from such a checkpoint; on the CPU
-    :param output_dtype: what the int8 linears return (``torch.bfloat16`` for a
-        model whose other layers run in bf16)
+    :param dtype: the float dtype of everything else (norms, attention, the
+        runtime's insertions, ``lm_head``) and of the int8 linears' outputs;
+        ``torch.bfloat16`` runs them in bf16 (AMX / AVX-512 BF16) while the
+        converted linears keep their float32 weights for ``save_pretrained``
     :return: ``model``, converted
     :raises Int8ExecutionError: nothing to execute, a scheme the kernels cannot
         run (named, with what can), a model not on the CPU, or no oneDNN
@@ -248,7 +248,7 @@ def to_int8_cpu(
         codes, weight_scale = _weight_codes(module)
         input_scale = float(module.input_scale.detach().float().reshape(-1)[0])
         forwards[module] = Int8StaticLinear(
-            module, input_scale, codes, weight_scale, output_dtype
+            module, input_scale, codes, weight_scale, dtype
         )
     # the float weights stay: save_pretrained still writes the checkpoint
     for module, kernel in forwards.items():
@@ -256,9 +256,15 @@ def to_int8_cpu(
         module.forward = types.MethodType(_int8_forward, module)
         if module in template_outputs:
             module.template_outputs = template_outputs[module]
+    if dtype != torch.float32:
+        for module in model.modules():
+            if module not in forwards:
+                for parameter in module.parameters(recurse=False):
+                    if parameter.is_floating_point():
+                        parameter.data = parameter.data.to(dtype)
     setattr(model, _EXECUTED_ATTRIBUTE, True)
     logger.info(
-        f"int8 CPU kernels: {len(forwards)} Linears converted, "
+        f"int8 CPU kernels: {len(forwards)} Linears converted ({dtype} elsewhere), "
         f"{len(template_outputs)} with exact template rows"
     )
     return model
