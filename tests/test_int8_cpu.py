@@ -169,3 +169,19 @@ def test_iq_quantize_evaluates_the_executed_model_beside_the_fake_quantized(
     wrong = run_app("iq-quantize", *TINY_RUN, "execute=int4_npu", cwd=tmp_path)
     assert wrong.returncode == 1
     assert "execute='int4_npu' is not an execution path" in wrong.stderr
+
+
+def test_bf16_elsewhere_keeps_perplexity_and_the_checkpoint_weights(
+    calibration, planted_windows, fake_quantized
+):
+    model, _ = quantized("w8a8_static", "rtn", calibration)
+    q_proj = model.model.layers[0].self_attn.q_proj
+    weight = q_proj.weight.detach().clone()
+    to_int8_cpu(model, dtype=torch.bfloat16)
+    assert model.model.norm.weight.dtype == torch.bfloat16
+    assert torch.equal(q_proj.weight, weight)  # what save_pretrained writes
+    with torch.no_grad():
+        assert model(planted_windows).logits.dtype == torch.bfloat16
+    ppl = perplexity(model, planted_windows, progress=False).ppl
+    reference = perplexity(fake_quantized[0], planted_windows, progress=False).ppl
+    assert ppl == pytest.approx(reference, rel=1e-2)
