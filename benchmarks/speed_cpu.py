@@ -33,8 +33,10 @@ import time
 from pathlib import Path
 
 import torch
+from runtime_overhead import side_by_side
 from torch import nn
 
+from iq_transform import get_runtime
 from iq_transform.composition.pipeline import apply_recipe
 from iq_transform.evaluation.data import (
     TextSource,
@@ -235,6 +237,28 @@ def main() -> None:
             run = decode_step(model, ids[:batch], args.cached)
             times[name][key] = timed(run, max(args.repeats, 5))
             print(f"{key} {name}: {times[name][key] * 1e3:.1f} ms", flush=True)
+    # the runtime's own share of the executed model's forward
+    int8_name = "int8 static + SpikeFree (to_int8_cpu)"
+    int8_model = variants[int8_name]
+    runtime = get_runtime(int8_model)
+    templates = [layer.templates for layer in runtime.layers]
+    overhead = {}
+    for batch, seqlen in shapes:
+        overhead[f"prefill {batch}x{seqlen}"] = side_by_side(
+            lambda x=ids[:batch, :seqlen]: prefill(int8_model, x),
+            runtime.layers,
+            templates,
+            torch.device("cpu"),
+            args.repeats,
+        )
+    for batch in args.batches:
+        overhead[f"decode {batch} (+{args.cached} cached)"] = side_by_side(
+            decode_step(int8_model, ids[:batch], args.cached),
+            runtime.layers,
+            templates,
+            torch.device("cpu"),
+            max(args.repeats, 5),
+        )
     ppl = {
         name: perplexity(model, evaluation, progress=False).ppl
         for name, model in variants.items()
@@ -256,6 +280,7 @@ def main() -> None:
         "cpu": platform.processor() or platform.machine(),
         "torch": torch.__version__,
         "seconds": times,
+        "int8_runtime_overhead": overhead,
         "ppl": ppl,
         "eval": f"{args.eval_windows}x512 WikiText-2 windows",
         "prefill_linear_flops": floors,
@@ -293,6 +318,13 @@ def print_tables(report: dict) -> None:
             rate = weights / times[int8][key] / 1e9
             floor = f"int8 weights {weights / 1e6:.0f} MB: {rate:.1f} GB/s"
         print(f"| {key} | {base:.3f} | " + " | ".join(cells) + f" | {floor} |")
+    print("\n| int8 static + SpikeFree | runtime removed (s) | installed (s) | ratio |")
+    print("|---|---|---|---|")
+    for key, row in report["int8_runtime_overhead"].items():
+        print(
+            f"| {key} | {row['without_s']:.4f} | {row['with_s']:.4f} | "
+            f"{row['ratio']:.3f} |"
+        )
     print("\n| variant | WikiText-2 PPL |\n|---|---|")
     for name, value in report["ppl"].items():
         print(f"| {name} | {value:.3f} |")

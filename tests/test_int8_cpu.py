@@ -116,15 +116,20 @@ def test_a_saved_checkpoint_runs_in_int8_as_it_ran_before_saving(
     calibration, planted_windows, tmp_path
 ):
     model, tokenizer = quantized("w8a8_static", "rtn", calibration)
+    with torch.no_grad():
+        expected = model(planted_windows).logits
+    # save_compressed leaves int8 weights in memory too, until a forward
     model.save_pretrained(tmp_path, save_compressed=True)
     tokenizer.save_pretrained(tmp_path)
-    to_int8_cpu(model)
-    reloaded = to_int8_cpu(iq_transform.load_pretrained(tmp_path))
-    assert is_int8_executed(reloaded)
-    with torch.no_grad():
-        torch.testing.assert_close(
-            reloaded(planted_windows).logits, model(planted_windows).logits
-        )
+    for executed in (
+        to_int8_cpu(iq_transform.load_pretrained(tmp_path)),
+        to_int8_cpu(model),
+    ):
+        assert is_int8_executed(executed)
+        with torch.no_grad():
+            got = executed(planted_windows).logits
+        assert (got - expected).abs().max() < 0.05 * expected.abs().max()
+        assert (got.argmax(-1) == expected.argmax(-1)).float().mean() > 0.97
 
 
 @pytest.mark.parametrize(

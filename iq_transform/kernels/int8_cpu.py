@@ -23,7 +23,6 @@ from compressed_tensors.quantization.lifecycle.forward import quantize
 from loguru import logger
 from torch import nn
 
-from iq_transform.spikefree.exact_rows import linear_with_unquantized_input
 from iq_transform.spikefree.runtime import get_runtime
 
 __all__ = [
@@ -171,8 +170,11 @@ def _through_pre_hooks(module: nn.Module, inputs: torch.Tensor) -> torch.Tensor:
     return inputs
 
 
-def _template_outputs(model: nn.Module) -> dict[nn.Module, torch.Tensor]:
-    """Exact (kinds, out) outputs of every linear fed by a templated norm."""
+def _template_outputs(
+    model: nn.Module, weights: dict[nn.Module, tuple[torch.Tensor, torch.Tensor]]
+) -> dict[nn.Module, torch.Tensor]:
+    """Exact (kinds, out) outputs of every linear fed by a templated norm: the
+    template through the linear's input rotation and its dequantized weight."""
     runtime = get_runtime(model)
     if runtime is None or not runtime.exact_template_rows:
         return {}
@@ -189,9 +191,24 @@ def _template_outputs(model: nn.Module) -> dict[nn.Module, torch.Tensor]:
             rows = template.float() * runtime.arch.effective_norm_weight(norm)
             for linear_name in linear_names:
                 linear = layer.layer.get_submodule(linear_name)
-                inputs = _through_pre_hooks(linear, rows.to(linear.weight.dtype))
-                outputs[linear] = linear_with_unquantized_input(linear, inputs).float()
+                if linear not in weights:
+                    continue
+                codes, scale = weights[linear]
+                inputs = _through_pre_hooks(linear, rows).float()
+                bias = None if linear.bias is None else linear.bias.float()
+                dequantized = codes.float() * scale.unsqueeze(-1)
+                outputs[linear] = nn.functional.linear(inputs, dequantized, bias)
     return outputs
+
+
+def _decompress(model: nn.Module) -> None:
+    """A model saved with ``save_compressed`` (or just reloaded) holds int8
+    weights until compressed-tensors' hook decompresses it on the first forward;
+    decompress it now, as that forward would."""
+    handle = getattr(model, "ct_decompress_hook", None)
+    hook = None if handle is None else model._forward_pre_hooks.get(handle.id)
+    if hook is not None:
+        hook(model, ())
 
 
 @torch.no_grad()
@@ -242,10 +259,12 @@ def to_int8_cpu(model: nn.Module, dtype: torch.dtype = torch.float32) -> nn.Modu
             f"int8 CPU execution needs the model on the CPU; {off_cpu[0]} is on "
             f"{quantized[0][1].weight.device}: call model.to('cpu') first."
         )
-    template_outputs = _template_outputs(model)
+    _decompress(model)
+    weights = {module: _weight_codes(module) for _, module in quantized}
+    template_outputs = _template_outputs(model, weights)
     forwards = {}
     for _, module in quantized:
-        codes, weight_scale = _weight_codes(module)
+        codes, weight_scale = weights[module]
         input_scale = float(module.input_scale.detach().float().reshape(-1)[0])
         forwards[module] = Int8StaticLinear(
             module, input_scale, codes, weight_scale, dtype
