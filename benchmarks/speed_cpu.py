@@ -54,6 +54,7 @@ from iq_transform.models import get_arch_spec, load_model
 RECIPE = "recipes/w8a8_static_spikefree.yaml"
 WIKITEXT = "shared/wikitext-2-raw/wiki.test.raw"
 BROWN = "shared/brown/brown.txt"
+FAKE = "fake-quant W8A8 static + SpikeFree"
 
 
 def decoder_linears(model: nn.Module) -> list[nn.Linear]:
@@ -121,7 +122,7 @@ def build_variants(args, tokenizer_windows) -> dict[str, nn.Module]:
     checkpoint = Path(args.work_dir) / f"{args.model}-{Path(args.recipe).stem}"
     save_checkpoint(quantized, tokenizer, checkpoint)
     del quantized
-    variants["fake-quant W8A8 static + SpikeFree"] = load_pretrained(checkpoint)
+    variants[FAKE] = load_pretrained(checkpoint)
     variants["int8 static + SpikeFree (to_int8_cpu)"] = to_int8_cpu(
         load_pretrained(checkpoint)
     )
@@ -210,6 +211,9 @@ def main() -> None:
     parser.add_argument("--eval-windows", type=int, default=4)
     parser.add_argument("--threads", type=int, default=None)
     parser.add_argument(
+        "--fake-quant-shapes", nargs="+", default=["1x512"], help="BxT to time it at"
+    )
+    parser.add_argument(
         "--work-dir", default=os.path.expanduser("~/.cache/iq_transform/bench")
     )
     parser.add_argument("--output", type=Path, default=None)
@@ -226,6 +230,8 @@ def main() -> None:
     for batch, seqlen in shapes:
         key = f"prefill {batch}x{seqlen}"
         for name, model in variants.items():  # interleaved: same machine state
+            if name == FAKE and f"{batch}x{seqlen}" not in args.fake_quant_shapes:
+                continue  # float kernels plus quantize-dequantize: slowest of all
             inputs = ids[:batch, :seqlen]
             times[name][key] = timed(
                 lambda m=model, x=inputs: prefill(m, x), args.repeats
