@@ -1,5 +1,7 @@
 """The installed runtime never makes the host wait for the device outside
-calibration: prefill, padded batches and decode steps alike."""
+calibration: prefill, padded batches and decode steps alike. On the CPU the
+runtime selects spike rows by index (nothing waits there), so these tests run
+the device path on the CPU too, and check that both paths compute the same."""
 
 import pytest
 import torch
@@ -8,6 +10,7 @@ from iq_transform import SpikeFreeModifier, get_runtime
 from iq_transform.composition.pipeline import apply_recipe
 from iq_transform.evaluation.host_syncs import count_host_syncs
 from iq_transform.models import load_model
+from iq_transform.spikefree import runtime as runtime_module
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 
@@ -19,17 +22,25 @@ def calibrated(calibration):
     return model.to(DEVICE), tokenizer
 
 
+@pytest.fixture(autouse=True)
+def device_path(monkeypatch):
+    """The path a GPU takes, on whatever device runs the tests."""
+    monkeypatch.setattr(runtime_module, "HOST_INDEXED_DEVICES", set())
+
+
 def _syncs(model, **inputs) -> dict:
-    """Host-synchronizing ops of one forward (and on CUDA: none may run)."""
-    if DEVICE == "cuda":
-        torch.cuda.synchronize()
-        torch.cuda.set_sync_debug_mode("error")
-    try:
-        with torch.no_grad():
-            return dict(count_host_syncs(lambda: model(**inputs)))
-    finally:
-        if DEVICE == "cuda":
-            torch.cuda.set_sync_debug_mode("default")
+    """Host-synchronizing ops the runtime adds to one forward: with its templates
+    installed, less those of the same forward without them (transformers' own
+    mask code reads a padding mask, for one)."""
+    runtime = get_runtime(model)
+    templates = [layer.templates for layer in runtime.layers]
+    counts = {}
+    with torch.no_grad():
+        for installed in (False, True):
+            for layer, layer_templates in zip(runtime.layers, templates, strict=True):
+                layer.templates = layer_templates if installed else None
+            counts[installed] = count_host_syncs(lambda: model(**inputs))
+    return dict(counts[True] - counts[False])
 
 
 def test_the_counter_sees_what_waits():
@@ -82,3 +93,16 @@ def test_templates_stay_on_the_model_device(calibrated, calibration):
         layer.resident_templates(torch.device(DEVICE)) is t
         for layer, t in zip(carrying, resident, strict=True)
     )
+
+
+def test_the_cpu_path_computes_what_the_device_path_does(
+    calibrated, calibration, monkeypatch
+):
+    model, _ = calibrated
+    ids = calibration[:2].to(DEVICE)
+    with torch.no_grad():
+        device_path = model(input_ids=ids).logits
+        monkeypatch.setattr(runtime_module, "HOST_INDEXED_DEVICES", {DEVICE})
+        indexed = model(input_ids=ids).logits
+    assert get_runtime(model).last_spike_tokens[:, 0].all()
+    torch.testing.assert_close(indexed, device_path, rtol=0, atol=1e-6)

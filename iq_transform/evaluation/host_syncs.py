@@ -37,8 +37,7 @@ _INDEXING = {
 def _bool_index(args) -> bool:
     indices = args[1] if len(args) > 1 else ()
     return any(
-        isinstance(i, torch.Tensor) and i.dtype == torch.bool
-        for i in (indices or ())
+        isinstance(i, torch.Tensor) and i.dtype == torch.bool for i in (indices or ())
     )
 
 

@@ -88,9 +88,11 @@ class Int8StaticLinear:
         flat = x.reshape(-1, x.shape[-1])
         if flat.dtype != torch.float32:
             flat = flat.float()
-        codes = torch.quantize_per_tensor(
-            flat, self.input_scale, 0, torch.qint8
-        ).int_repr()
+        quantized = torch.quantize_per_tensor(flat, self.input_scale, 0, torch.qint8)
+        # its bytes are the int8 codes: a view, where int_repr() would copy them
+        codes = torch.empty(0, dtype=torch.int8).set_(
+            quantized.untyped_storage(), 0, quantized.shape, quantized.stride()
+        )
         output = torch.ops.onednn.qlinear_pointwise(
             codes,
             self.input_scale,

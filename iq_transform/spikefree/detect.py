@@ -21,7 +21,8 @@ def token_max(hidden: torch.Tensor) -> torch.Tensor:
 
     :param hidden: activations of shape (..., tokens, channels)
     """
-    return hidden.detach().abs().amax(dim=-1).float()
+    # one pass, no |x| temporary
+    return torch.linalg.vector_norm(hidden.detach(), ord=float("inf"), dim=-1).float()
 
 
 def token_max_abs(hidden: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

@@ -15,11 +15,13 @@ llm-compressor's layer-major sequential pipeline, shuffled data and padding):
    spike) and ``down_proj``'s output rows become the output template, so the
    residual stream receives exactly what the spike would have written.
 
-Outside calibration the forward never waits for the device: no ``.any()`` or
+Outside calibration the forward never waits for a GPU: no ``.any()`` or
 ``.item()``, no boolean-mask indexing, templates and thresholds kept on the model's
 device; rows are selected with ``torch.where`` over fixed shapes, so the same ops
 run whether a batch has spike tokens or not (and a decode step can be captured in
-a CUDA graph).
+a CUDA graph). On the CPU, where reading a mask waits for nothing, the spike rows
+are selected by index instead (``HOST_INDEXED_DEVICES``), so the runtime touches
+only them.
 
 Plain torch hooks and an instance-level ``mlp.forward`` are used, not
 ``HooksMixin`` hooks, because they must act in llm-compressor's propagation pass
@@ -79,6 +81,16 @@ def on_runtime_installed(callback) -> None:
         _INSTALL_CALLBACKS.append(callback)
 
 
+# Device types where reading a row mask on the host waits for nothing: there the
+# spike rows are selected by index and written in place, touching only those rows;
+# elsewhere (GPUs) every row goes through ``torch.where``, so the host never waits.
+HOST_INDEXED_DEVICES = {"cpu"}
+
+
+def _indexed(tensor: torch.Tensor) -> bool:
+    return tensor.device.type in HOST_INDEXED_DEVICES
+
+
 def insert_templates(
     output: torch.Tensor,
     rows: torch.Tensor,
@@ -89,18 +101,35 @@ def insert_templates(
     """Overwrite the spike rows of ``output`` with their kind's template.
 
     This is the one place templates enter activations; a fused kernel (norm +
-    insertion + static quantization) replaces exactly this function. It never
-    synchronizes with the device: every row is selected by ``torch.where``.
+    insertion + static quantization) replaces exactly this function. On a GPU it
+    never synchronizes with the device (every row is selected by ``torch.where``);
+    on the CPU, where nothing waits, only the spike rows are written, in place.
 
-    :param output: activations (batch, tokens, features)
+    :param output: activations (batch, tokens, features), a module's fresh output
+        (it may be modified in place)
     :param rows: bool (batch, tokens), the rows to overwrite
     :param kinds: long (batch, tokens), each row's spike kind
     :param templates: (kinds, features), on ``output``'s device
     :param scale: optional (features,) factor, e.g. the norm's current weight
     """
     values = templates if scale is None else templates * scale
-    values = values.to(device=output.device, dtype=output.dtype)[kinds]
-    return torch.where(rows.unsqueeze(-1), values, output)
+    values = values.to(device=output.device, dtype=output.dtype)
+    if _indexed(output):
+        index = rows.nonzero(as_tuple=True)
+        if index[0].numel():
+            output[index] = values[kinds[index]]
+        return output
+    return torch.where(rows.unsqueeze(-1), values[kinds], output)
+
+
+def zero_rows(hidden: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+    """``hidden`` (a fresh tensor) with ``rows`` set to zero, in place."""
+    if _indexed(hidden):
+        index = rows.nonzero(as_tuple=True)
+        if index[0].numel():
+            hidden[index] = 0.0
+        return hidden
+    return hidden.masked_fill_(rows.unsqueeze(-1), 0.0)
 
 
 def _norm_epsilon(norm: nn.Module) -> float:
@@ -332,7 +361,7 @@ class LayerRuntime:
         )
         rows = detected | state.carriers
         self.runtime.note_spikes(rows)
-        output = down_proj(hidden.masked_fill(rows.unsqueeze(-1), 0.0))
+        output = down_proj(zero_rows(hidden, rows))
         return insert_templates(output, rows, state.kinds, templates.down_template)
 
     # -- calibration statistics -------------------------------------------------
