@@ -131,6 +131,23 @@ def test_bad_arguments_say_what_is_missing():
         ops.quantize_rows(x, code_dtype=torch.float16)
 
 
+def _code_steps(got: torch.Tensor, want: torch.Tensor) -> torch.Tensor:
+    """How many representable codes apart (FP8 bit patterns of one sign are
+    ordered like integers)."""
+    if got.dtype == torch.int8:
+        return (got.int() - want.int()).abs()
+    got, want = got.view(torch.uint8).int(), want.view(torch.uint8).int()
+    return torch.where((got ^ want) & 0x80 == 0, (got - want).abs(), 255)
+
+
+def _assert_same_codes(got, want, label):
+    """Equal codes but for rounding ties and one-ulp arithmetic differences
+    (division, rsqrt): at most one code apart, and rarely."""
+    steps = _code_steps(got, want)
+    assert steps.max() <= 1, (label, steps.max())
+    assert steps.float().mean() < 1e-3, (label, steps.float().mean())
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="Triton kernels need CUDA")
 @pytest.mark.parametrize("code_dtype", CODES)
 @pytest.mark.parametrize("static", [True, False])
@@ -153,8 +170,7 @@ def test_triton_kernels_equal_the_references(code_dtype, static):
         options = arguments if op is ops.fused_norm_templates_quant else {}
         options = options or {"code_dtype": code_dtype}
         got, want = op(*args, **options), reference(*args, **options)
-        differ = (got.codes.float() != want.codes.float()).float().mean().item()
-        assert differ < 1e-4, (op.__name__, differ)
+        _assert_same_codes(got.codes, want.codes, op.__name__)
         torch.testing.assert_close(got.row_scales, want.row_scales)
         if want.rows is not None:
             assert torch.equal(got.rows, want.rows)
@@ -168,8 +184,7 @@ def test_triton_kernels_equal_the_references(code_dtype, static):
         want = ops.silu_mul_quant_reference(
             gate_up, scale, threshold=threshold, code_dtype=code_dtype, **glu
         )
-        differ = (got.codes.float() != want.codes.float()).float().mean().item()
-        assert differ < 1e-4, differ
+        _assert_same_codes(got.codes, want.codes, "silu_mul_quant")
         if threshold is not None:
             assert torch.equal(got.rows, want.rows) and got.rows.sum() > 1
 

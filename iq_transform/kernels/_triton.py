@@ -58,11 +58,13 @@ def norm_templates_quant_kernel(
     codes_ptr,
     row_scales_ptr,
     rows_out_ptr,
+    M,
     K,
     stride_x,
     stride_codes,
     eps,
     weight_offset,
+    ROWS: tl.constexpr,
     BLOCK: tl.constexpr,
     HAS_TEMPLATES: tl.constexpr,
     HAS_ROWS_IN: tl.constexpr,
@@ -71,29 +73,43 @@ def norm_templates_quant_kernel(
     IS_FP8: tl.constexpr,
     QMAX: tl.constexpr,
 ):
-    row = tl.program_id(0).to(tl.int64)
+    # ROWS rows per program: the weight is loaded once for all of them
+    rows = tl.program_id(0).to(tl.int64) * ROWS + tl.arange(0, ROWS)
+    row_mask = rows < M
     cols = tl.arange(0, BLOCK)
-    mask = cols < K
-    x = tl.load(x_ptr + row * stride_x + cols, mask=mask, other=0.0).to(tl.float32)
-    w = tl.load(weight_ptr + cols, mask=mask, other=0.0).to(tl.float32) + weight_offset
-    mean_square = tl.sum(x * x, axis=0) / K
-    y = x * tl.rsqrt(mean_square + eps) * w
+    col_mask = cols < K
+    mask = row_mask[:, None] & col_mask[None, :]
+    x = tl.load(
+        x_ptr + rows[:, None] * stride_x + cols[None, :], mask=mask, other=0.0
+    ).to(tl.float32)
+    w = tl.load(weight_ptr + cols, mask=col_mask, other=0.0).to(tl.float32)
+    w = (w + weight_offset)[None, :]
+    mean_square = tl.sum(x * x, axis=1) / K
+    y = x * tl.rsqrt(mean_square + eps)[:, None] * w
     if HAS_TEMPLATES:
-        flag = 0
+        flag = tl.zeros([ROWS], dtype=tl.int32)
         if HAS_ROWS_IN:
-            flag = tl.load(rows_in_ptr + row).to(tl.int32)
+            flag = tl.load(rows_in_ptr + rows, mask=row_mask, other=0).to(tl.int32)
         if HAS_THRESHOLD:
-            amax = tl.max(tl.abs(x), axis=0)
+            amax = tl.max(tl.abs(x), axis=1)
             flag = flag | (amax > tl.load(threshold_ptr)).to(tl.int32)
         templated = flag != 0
-        kind = tl.load(kinds_ptr + row).to(tl.int64)
-        template = tl.load(templates_ptr + kind * K + cols, mask=mask, other=0.0)
-        y = tl.where(templated, template.to(tl.float32) * w, y)
-        tl.store(rows_out_ptr + row, templated.to(tl.int8))
-    scale = _row_scale(y, mask, scale_ptr, DYNAMIC, QMAX)
-    codes = _quantize_row(y, scale, IS_FP8)
-    tl.store(codes_ptr + row * stride_codes + cols, codes, mask=mask)
-    tl.store(row_scales_ptr + row, scale)
+        kind = tl.load(kinds_ptr + rows, mask=row_mask, other=0).to(tl.int64)
+        template = tl.load(
+            templates_ptr + kind[:, None] * K + cols[None, :],
+            mask=mask & templated[:, None],
+            other=0.0,
+        )
+        y = tl.where(templated[:, None], template.to(tl.float32) * w, y)
+        tl.store(rows_out_ptr + rows, templated.to(tl.int8), mask=row_mask)
+    if DYNAMIC:
+        amax_y = tl.max(tl.abs(y), axis=1)
+        scale = tl.maximum(amax_y / QMAX, MIN_DYNAMIC_SCALE)
+    else:
+        scale = tl.load(scale_ptr) + tl.zeros([ROWS], dtype=tl.float32)
+    codes = _quantize_row(y, scale[:, None], IS_FP8)
+    tl.store(codes_ptr + rows[:, None] * stride_codes + cols[None, :], codes, mask=mask)
+    tl.store(row_scales_ptr + rows, scale, mask=row_mask)
 
 
 @triton.jit
@@ -174,7 +190,15 @@ def quant_kernel(
     tl.store(row_scales_ptr + row, scale)
 
 
-def launch_config(width: int) -> tuple[int, int]:
-    """(BLOCK, num_warps) for rows of ``width`` elements."""
+# elements per thread per row: measured on the H200 (benchmarks/speed_gpu.py)
+ELEMENTS_PER_THREAD = 16
+
+
+# rows per program of the norm kernel
+NORM_ROWS = 2
+
+
+def launch_config(width: int, rows: int = 1) -> tuple[int, int]:
+    """(BLOCK, num_warps) for programs of ``rows`` rows of ``width`` elements."""
     block = triton.next_power_of_2(width)
-    return block, max(1, min(16, block // 512))
+    return block, max(1, min(16, rows * block // (32 * ELEMENTS_PER_THREAD)))

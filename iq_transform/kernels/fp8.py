@@ -102,13 +102,14 @@ def scaled_mm(
     """``dequant(rows) @ dequant(weight).T`` in ``out_dtype``: ``torch._scaled_mm``
     on CUDA (row-wise scales), the same arithmetic in float32 elsewhere."""
     if rows.codes.device.type == "cuda":
+        # row-wise scaled products return bf16 only
         return torch._scaled_mm(
             rows.codes,
             weight.codes.t(),
             scale_a=rows.row_scales,
             scale_b=weight.scales,
-            out_dtype=out_dtype,
-        )
+            out_dtype=torch.bfloat16,
+        ).to(out_dtype)
     product = (rows.codes.float() * rows.row_scales) @ weight.dequantized().t()
     return product.to(out_dtype)
 
@@ -140,6 +141,8 @@ def _quantize_input_eager(x):
 
 
 _COMPILED: dict[str, object] = {}
+# the spike kinds of the forward in flight, computed by its first layer
+_KINDS_OF_FORWARD: dict[str, tuple] = {}
 
 
 def _compiled(name: str, function):
@@ -280,9 +283,22 @@ class Fp8DecoderLayer(nn.Module):
             raise ValueError(
                 "Fp8DecoderLayer needs position_ids (the model passes them)"
             )
+        cached = _KINDS_OF_FORWARD.get("kinds")
+        if (
+            cached is not None
+            and cached[0] is position_ids
+            and cached[1]
+            == (
+                batch,
+                tokens,
+            )
+        ):
+            return cached[2]  # every layer of a forward gets the same position_ids
         positions = position_ids.to(device).expand(batch, tokens)
         first = torch.full_like(positions, FIRST_TOKEN)
-        return torch.where(positions == 0, first, MID_SEQUENCE).reshape(-1)
+        kinds = torch.where(positions == 0, first, MID_SEQUENCE).reshape(-1)
+        _KINDS_OF_FORWARD["kinds"] = (position_ids, (batch, tokens), kinds)
+        return kinds
 
     def _ratio_rows(self, values, batch, tokens, threshold) -> torch.Tensor:
         token_max = values.abs().amax(-1).float().reshape(batch, tokens)
@@ -333,19 +349,24 @@ class Fp8DecoderLayer(nn.Module):
         )  # fmt: skip
 
     def _replace_rows(self, output, rows, kinds, constants) -> torch.Tensor:
-        """``output[rows] = constants[kinds[rows]]`` without a host sync: a
-        fixed-size gather of the flagged rows (padding points at row 0 and writes
-        row 0's own value, so duplicates agree)."""
+        """``output[rows] = constants[kinds[rows]]`` without a host sync: the
+        flagged rows' indices are gathered into a fixed-size list (slots left over
+        point at row 0 and write row 0's own value, so duplicates agree)."""
         flat = rows.reshape(-1)
-        size = min(self.max_template_rows, flat.numel())
-        index = torch.nonzero_static(flat, size=size, fill_value=0).reshape(-1)
+        count = flat.numel()
+        size = min(self.max_template_rows, count)
+        position = torch.cumsum(flat, 0) - 1
+        slot = torch.where(flat & (position < size), position, size)
+        index = torch.zeros(size + 1, dtype=torch.long, device=flat.device)
+        index.scatter_(0, slot, torch.arange(count, device=flat.device))
+        index = index[:size]
         values = torch.where(
             flat[index].unsqueeze(-1),
             constants[kinds[index]].to(output.dtype),
             output[index],
         )
-        self.overflow |= flat.sum() > size
-        return output.index_copy(0, index, values)
+        self.overflow |= position[-1] >= size
+        return output.index_copy_(0, index, values)
 
     # -- forward --------------------------------------------------------------------
     def forward(

@@ -40,6 +40,10 @@ MIN_DYNAMIC_SCALE = 1.0 / (448.0 * 512.0)
 _CODE_DTYPES = (torch.float8_e4m3fn, torch.int8)
 
 
+def triton_cdiv(count: int, step: int) -> int:
+    return -(-count // step)
+
+
 class QuantizedRows(NamedTuple):
     """Codes (M, K), the float32 scale of each row (M, 1) and, where the op decides
     rows, the rows it templated or zeroed (M,) bool (else ``None``)."""
@@ -185,8 +189,10 @@ def fused_norm_templates_quant(
         torch.empty(count, dtype=torch.int8, device=x.device) if has_templates else None
     )
     dummy = row_scales
-    block, warps = _triton.launch_config(width)
-    _triton.norm_templates_quant_kernel[(count,)](
+    rows_per_program = _triton.NORM_ROWS
+    block, warps = _triton.launch_config(width, rows_per_program)
+    grid = (triton_cdiv(count, rows_per_program),)
+    _triton.norm_templates_quant_kernel[grid](
         x2,
         weight,
         templates.contiguous() if has_templates else dummy,
@@ -197,11 +203,13 @@ def fused_norm_templates_quant(
         codes,
         row_scales,
         rows_out if has_templates else dummy,
+        count,
         width,
         x2.stride(0),
         codes.stride(0),
         eps,
         weight_offset,
+        ROWS=rows_per_program,
         BLOCK=block,
         HAS_TEMPLATES=has_templates,
         HAS_ROWS_IN=rows is not None,
