@@ -332,6 +332,41 @@ def stack_table(name: str, layers: int, c: dict, repeats: int) -> list[dict]:
     return results
 
 
+def profile(name: str, layers: int) -> None:
+    """Top ops of one 1x2048 forward, FP8 static with and without SpikeFree."""
+    from torch.profiler import ProfilerActivity
+    from torch.profiler import profile as torch_profile
+
+    model = build_stack(name, layers)
+    _, templates = calibrate(model)
+    originals = list(model.layers)
+    inputs = spiked_inputs(1, 2048, model.config.hidden_size)
+    for label, layer_templates in (("static_plain", None), ("static", templates)):
+        model.layers = torch.nn.ModuleList(
+            Fp8DecoderLayer(
+                layer,
+                LLAMA,
+                "static",
+                layer_templates[index] if layer_templates else None,
+            )  # fmt: skip
+            for index, layer in enumerate(originals)
+        )
+        with torch.no_grad():
+            for _ in range(3):
+                model(inputs_embeds=inputs, use_cache=False)
+            torch.cuda.synchronize()
+            activities = [ProfilerActivity.CPU, ProfilerActivity.CUDA]
+            with torch_profile(activities=activities) as prof:
+                model(inputs_embeds=inputs, use_cache=False)
+                torch.cuda.synchronize()
+        print(f"== {label}")
+        table = prof.key_averages().table(sort_by="self_cuda_time_total", row_limit=14)
+        print(table[:4000])
+        table = prof.key_averages().table(sort_by="cpu_time_total", row_limit=10)
+        print(table[:3000])
+    model.layers = torch.nn.ModuleList(originals)
+
+
 def markdown(results: list[dict]) -> str:
     lines = []
     for name in dict.fromkeys(r["widths"] for r in results):
@@ -364,7 +399,11 @@ def main() -> None:
     parser.add_argument("--layers", type=int, default=8)
     parser.add_argument("--repeats", type=int, default=10)
     parser.add_argument("--out", default=None)
+    parser.add_argument("--profile", action="store_true")
     args = parser.parse_args()
+    if args.profile:
+        profile(args.widths[0], args.layers)
+        return
     start = time.time()
     c = ceilings()
     print(json.dumps(c), flush=True)

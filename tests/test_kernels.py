@@ -214,14 +214,24 @@ def test_fp8_execution_equals_the_fake_quantized_model(
     model, templates, logits, ppl = fake_quantized
     executed = convert_to_fp8(copy.deepcopy(model), "static", templates, detect=detect)
     assert all(isinstance(layer, Fp8DecoderLayer) for layer in executed.model.layers)
-    with torch.no_grad():
-        if DEVICE == "cuda":
-            torch.cuda.set_sync_debug_mode("error")  # nothing waits on the host
-        try:
+    handles = []
+    if DEVICE == "cuda":  # nothing in the converted layers waits on the host
+        for layer in executed.model.layers:
+            handles += [
+                layer.register_forward_pre_hook(
+                    lambda *_: torch.cuda.set_sync_debug_mode("error")
+                ),
+                layer.register_forward_hook(
+                    lambda *_: torch.cuda.set_sync_debug_mode(0)
+                ),
+            ]
+    try:
+        with torch.no_grad():
             out = executed(calibration.to(DEVICE)).logits
-        finally:
-            if DEVICE == "cuda":
-                torch.cuda.set_sync_debug_mode(0)
+    finally:
+        torch.cuda.set_sync_debug_mode(0) if DEVICE == "cuda" else None
+        for handle in handles:
+            handle.remove()
     relative = ((out - logits).norm() / logits.norm()).item()
     # CPU: the same float32 arithmetic; GPU: FP8 tensor cores and rounding ties
     assert relative < (2e-2 if DEVICE == "cuda" else 1e-5)
