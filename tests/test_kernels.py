@@ -215,7 +215,9 @@ def test_fp8_execution_equals_the_fake_quantized_model(
     executed = convert_to_fp8(copy.deepcopy(model), "static", templates, detect=detect)
     assert all(isinstance(layer, Fp8DecoderLayer) for layer in executed.model.layers)
     handles = []
-    if DEVICE == "cuda":  # nothing in the converted layers waits on the host
+    # nothing in the converted layers waits on the host (the ratio rule's median
+    # does: it is the optional eager pre-pass)
+    if DEVICE == "cuda" and detect == "threshold":
         for layer in executed.model.layers:
             handles += [
                 layer.register_forward_pre_hook(
@@ -233,10 +235,10 @@ def test_fp8_execution_equals_the_fake_quantized_model(
         for handle in handles:
             handle.remove()
     relative = ((out - logits).norm() / logits.norm()).item()
+    executed_ppl = perplexity(executed, calibration, progress=False).ppl
+    assert abs(executed_ppl / ppl - 1) < 5e-3, (executed_ppl, ppl, relative)
     # CPU: the same float32 arithmetic; GPU: FP8 tensor cores and rounding ties
     assert relative < (2e-2 if DEVICE == "cuda" else 1e-5)
-    executed_ppl = perplexity(executed, calibration, progress=False).ppl
-    assert abs(executed_ppl / ppl - 1) < 5e-3
     assert not any(bool(layer.overflow) for layer in executed.model.layers)
 
 

@@ -195,7 +195,7 @@ ELEMENTS_PER_THREAD = 16
 
 
 # rows per program of the norm kernel
-NORM_ROWS = 2
+NORM_ROWS = 4
 
 
 def launch_config(width: int, rows: int = 1) -> tuple[int, int]:

@@ -102,14 +102,22 @@ def scaled_mm(
     """``dequant(rows) @ dequant(weight).T`` in ``out_dtype``: ``torch._scaled_mm``
     on CUDA (row-wise scales), the same arithmetic in float32 elsewhere."""
     if rows.codes.device.type == "cuda":
-        # row-wise scaled products return bf16 only
-        return torch._scaled_mm(
-            rows.codes,
-            weight.codes.t(),
-            scale_a=rows.row_scales,
-            scale_b=weight.scales,
-            out_dtype=torch.bfloat16,
-        ).to(out_dtype)
+        if out_dtype == torch.bfloat16:
+            return torch._scaled_mm(
+                rows.codes,
+                weight.codes.t(),
+                scale_a=rows.row_scales,
+                scale_b=weight.scales,
+                out_dtype=out_dtype,
+            )
+        # row-wise scaled products return bf16 only: a float32 model gets the
+        # float32 product of the codes, scaled after
+        one = torch.ones((), device=rows.codes.device)
+        product = torch._scaled_mm(
+            rows.codes, weight.codes.t(), scale_a=one, scale_b=one,
+            out_dtype=torch.float32,
+        )  # fmt: skip
+        return (product * rows.row_scales * weight.scales).to(out_dtype)
     product = (rows.codes.float() * rows.row_scales) @ weight.dequantized().t()
     return product.to(out_dtype)
 
