@@ -202,3 +202,27 @@ def launch_config(width: int, rows: int = 1) -> tuple[int, int]:
     """(BLOCK, num_warps) for programs of ``rows`` rows of ``width`` elements."""
     block = triton.next_power_of_2(width)
     return block, max(1, min(16, rows * block // (32 * ELEMENTS_PER_THREAD)))
+
+
+@triton.jit
+def replace_rows_kernel(
+    out_ptr,
+    flags_ptr,
+    kinds_ptr,
+    constants_ptr,
+    N,
+    stride_out,
+    BLOCK: tl.constexpr,
+):
+    # one program per row; a row not flagged moves no data (masked)
+    row = tl.program_id(0).to(tl.int64)
+    flagged = tl.load(flags_ptr + row) != 0
+    kind = tl.load(kinds_ptr + row).to(tl.int64)
+    cols = tl.arange(0, BLOCK)
+    mask = (cols < N) & flagged
+    values = tl.load(constants_ptr + kind * N + cols, mask=mask)
+    tl.store(
+        out_ptr + row * stride_out + cols,
+        values.to(out_ptr.dtype.element_ty),
+        mask=mask,
+    )

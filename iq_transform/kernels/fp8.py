@@ -42,6 +42,7 @@ from iq_transform.kernels.fused_norm import (
     QuantizedRows,
     fused_norm_templates_quant,
     quantize_rows,
+    replace_rows,
     silu_mul_quant,
 )
 from iq_transform.models.arch import ArchSpec, get_arch_spec
@@ -57,9 +58,6 @@ __all__ = [
 ]
 
 MODES = ("static", "dynamic", "dynamic_eager", "dynamic_compiled")
-# carriers handled by the gathered (exact / down template) rows of one forward;
-# ``Fp8DecoderLayer.overflow`` records (on the device) a forward that had more
-DEFAULT_MAX_TEMPLATE_ROWS = 256
 
 
 @dataclass
@@ -195,8 +193,6 @@ class Fp8DecoderLayer(nn.Module):
         calibrated absolute thresholds (one pass); ``"ratio"`` adds the runtime's
         ratio-to-median test, an extra eager pass over the layer input
     :param ratio: the runtime's spike ratio (``detect="ratio"``)
-    :param max_template_rows: gathered rows per forward for exact and down-template
-        rows
     """
 
     def __init__(
@@ -207,7 +203,6 @@ class Fp8DecoderLayer(nn.Module):
         templates: LayerTemplates | None = None,
         detect: str = "threshold",
         ratio: float = 64.0,
-        max_template_rows: int = DEFAULT_MAX_TEMPLATE_ROWS,
     ):
         super().__init__()
         if mode not in MODES:
@@ -223,7 +218,6 @@ class Fp8DecoderLayer(nn.Module):
             )
         attn, mlp = layer.self_attn, layer.mlp
         self.mode, self.detect, self.ratio = mode, detect, ratio
-        self.max_template_rows = max_template_rows
         self.self_attn = attn  # config, head_dim, scaling, layer_idx for attention
         self.input_norm = layer.input_layernorm
         self.post_norm = layer.post_attention_layernorm
@@ -251,7 +245,6 @@ class Fp8DecoderLayer(nn.Module):
                         "recipes/fp8_static_spikefree.yaml, or use mode='dynamic')"
                     )
                 self.scales[name] = scale.to(device)
-        self.overflow = torch.zeros((), dtype=torch.bool, device=device)
         self._set_templates(templates if mode == "static" else None, device)
 
     # -- SpikeFree constants ------------------------------------------------------
@@ -356,26 +349,6 @@ class Fp8DecoderLayer(nn.Module):
             kinds=kinds, threshold=threshold,
         )  # fmt: skip
 
-    def _replace_rows(self, output, rows, kinds, constants) -> torch.Tensor:
-        """``output[rows] = constants[kinds[rows]]`` without a host sync: the
-        flagged rows' indices are gathered into a fixed-size list (slots left over
-        point at row 0 and write row 0's own value, so duplicates agree)."""
-        flat = rows.reshape(-1)
-        count = flat.numel()
-        size = min(self.max_template_rows, count)
-        position = torch.cumsum(flat, 0) - 1
-        slot = torch.where(flat & (position < size), position, size)
-        index = torch.zeros(size + 1, dtype=torch.long, device=flat.device)
-        index.scatter_(0, slot, torch.arange(count, device=flat.device))
-        index = index[:size]
-        values = torch.where(
-            flat[index].unsqueeze(-1),
-            constants[kinds[index]].to(output.dtype),
-            output[index],
-        )
-        self.overflow |= position[-1] >= size
-        return output.index_copy_(0, index, values)
-
     # -- forward --------------------------------------------------------------------
     def forward(
         self,
@@ -410,7 +383,7 @@ class Fp8DecoderLayer(nn.Module):
             carriers = normed.rows
         qkv = scaled_mm(normed, self.qkv, dtype)
         if self.exact_qkv is not None:
-            qkv = self._replace_rows(qkv, carriers, kinds, self.exact_qkv)
+            qkv = replace_rows(qkv, carriers, kinds, self.exact_qkv)
         attn_output = self._attention(
             qkv, batch, tokens, attention_mask, past_key_values, position_embeddings,
             kwargs,
@@ -425,7 +398,7 @@ class Fp8DecoderLayer(nn.Module):
         glu = self._glu(gate_up, kinds, carriers, batch, tokens)
         down = scaled_mm(glu, self.down, dtype)
         if self.down_template is not None:
-            down = self._replace_rows(down, glu.rows, kinds, self.down_template)
+            down = replace_rows(down, glu.rows, kinds, self.down_template)
         return (residual + down).reshape(batch, tokens, hidden_size)
 
     def _attention(

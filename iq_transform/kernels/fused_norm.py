@@ -33,6 +33,7 @@ __all__ = [
     "silu_mul_quant_reference",
     "quantize_rows",
     "quantize_rows_reference",
+    "replace_rows",
 ]
 
 FP8_MAX = 448.0
@@ -377,3 +378,38 @@ def quantize_rows(
         num_warps=warps,
     )
     return QuantizedRows(codes, row_scales, None)
+
+
+def replace_rows(
+    output: torch.Tensor,
+    rows: torch.Tensor,
+    kinds: torch.Tensor,
+    constants: torch.Tensor,
+) -> torch.Tensor:
+    """``output[rows] = constants[kinds[rows]]`` in place, decided on the device.
+
+    :param output: (M, N) a product's output
+    :param rows: (M,) bool rows to overwrite
+    :param kinds: (M,) integer kind of each row
+    :param constants: (kinds, N) the rows' precomputed values
+    """
+    if not uses_triton(output):
+        values = constants.to(output.dtype)[kinds.reshape(-1)]
+        return output.copy_(torch.where(rows.reshape(-1, 1), values, output))
+    from iq_transform.kernels import _triton
+
+    if output.stride(-1) != 1 or not constants.is_contiguous():
+        raise ValueError("replace_rows needs row-major output and constants")
+    count, width = output.shape
+    block, warps = _triton.launch_config(width)
+    _triton.replace_rows_kernel[(count,)](
+        output,
+        rows.reshape(-1).view(torch.int8),
+        kinds.reshape(-1),
+        constants,
+        width,
+        output.stride(0),
+        BLOCK=block,
+        num_warps=warps,
+    )
+    return output
