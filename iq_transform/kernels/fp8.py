@@ -257,7 +257,7 @@ class Fp8DecoderLayer(nn.Module):
         norms = {"input_layernorm": self.input_norm}
         norms["post_attention_layernorm"] = self.post_norm
         for name, template in templates.norm_templates.items():
-            self.norm_templates[name] = template.float().to(device)
+            self.norm_templates[name] = template.float().to(device).contiguous()
         weights = {
             "input_layernorm": self.qkv.dequantized(),
             "post_attention_layernorm": self.gate_up.dequantized(),
@@ -265,10 +265,10 @@ class Fp8DecoderLayer(nn.Module):
         exact = {}
         for name, template in self.norm_templates.items():
             norm_output = template * norms[name].weight.float()
-            exact[name] = norm_output @ weights[name].t()
+            exact[name] = (norm_output @ weights[name].t()).contiguous()
         self.residual_threshold = _scalar(templates.residual_threshold, device)
         if templates.down_template is not None:
-            self.down_template = templates.down_template.float().to(device)
+            self.down_template = templates.down_template.float().to(device).contiguous()
             self.down_threshold = _scalar(templates.down_threshold, device)
         self.exact_qkv = exact.get("input_layernorm")
         if self.down_template is None:  # carriers' GLU rows are zeroed otherwise
