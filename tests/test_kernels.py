@@ -16,6 +16,7 @@ from transformers.models.llama.modeling_llama import LlamaRMSNorm
 from iq_transform import get_runtime
 from iq_transform.composition.pipeline import RECIPES_DIR, apply_recipe
 from iq_transform.evaluation.perplexity import perplexity
+from iq_transform.kernels import execute
 from iq_transform.kernels import fused_norm as ops
 from iq_transform.kernels.fp8 import Fp8DecoderLayer, convert_to_fp8
 from iq_transform.models import load_model
@@ -285,3 +286,22 @@ def test_replace_rows_writes_the_flagged_rows_only():
     expected = output.clone()
     expected[rows] = constants[kinds[rows]]
     assert torch.equal(ops.replace_rows(output, rows, kinds, constants), expected)
+
+
+@pytest.mark.slow
+def test_execute_fp8_converts_a_spikefree_model_like_convert_to_fp8(calibration):
+    model, tokenizer = load_model("tiny-planted")
+    model.to(DEVICE)
+    apply_recipe(
+        model, tokenizer, RECIPES_DIR / "fp8_static_spikefree.yaml", calibration
+    )
+    ids = calibration.to(DEVICE)
+    with torch.no_grad():
+        logits = model(ids).logits
+    execute(model, "fp8")
+    assert get_runtime(model) is None
+    assert all(isinstance(layer, Fp8DecoderLayer) for layer in model.model.layers)
+    with torch.no_grad():
+        out = model(ids).logits
+    relative = ((out - logits).norm() / logits.norm()).item()
+    assert relative < (0.1 if DEVICE == "cuda" else 1e-5)

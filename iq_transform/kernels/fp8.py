@@ -55,6 +55,7 @@ __all__ = [
     "Fp8DecoderLayer",
     "convert_to_fp8",
     "scaled_mm",
+    "to_fp8",
 ]
 
 MODES = ("static", "dynamic", "dynamic_eager", "dynamic_compiled")
@@ -460,6 +461,37 @@ def convert_to_fp8(
         )  # fmt: skip
         for index, layer in enumerate(layers)
     ]
+    for index, layer in enumerate(converted):
+        layers[index] = layer
+    return model
+
+
+def to_fp8(model: nn.Module) -> nn.Module:
+    """The ``execute=fp8`` path: a static FP8 model from ``oneshot`` (its SpikeFree
+    runtime, if any, is replaced by the templates inside the FP8 layers).
+
+    :param model: a Llama-style model quantized with static FP8 activations
+    :return: ``model``, converted in place
+    """
+    from iq_transform.spikefree.runtime import get_runtime
+
+    runtime = get_runtime(model)
+    templates = runtime.templates if runtime is not None else None
+    arch = get_arch_spec(model)
+    # build every layer before touching the model: a refusal leaves it as it was
+    converted = [
+        Fp8DecoderLayer(
+            layer,
+            arch,
+            "static",
+            templates.layers.get(index) if templates is not None else None,
+            ratio=runtime.ratio if runtime is not None else 64.0,
+        )  # fmt: skip
+        for index, layer in enumerate(arch.decoder_layers(model))
+    ]
+    if runtime is not None:
+        runtime.remove()
+    layers = arch.decoder_layers(model)
     for index, layer in enumerate(converted):
         layers[index] = layer
     return model
