@@ -93,9 +93,12 @@ def test_prefix_cache_is_full_precision_and_scores_only_the_window(plain_windows
     result = perplexity(model, plain_windows, progress=False, prefix=prefix)
     # by hand: the prefix's KV cache from the unquantized model, then the window
     nll, count = 0.0, 0
+    # oneshot leaves the model on the accelerator when there is one
+    device = next(model.parameters()).device
+    fp_model.to(device)
     with torch.no_grad():
-        for window in plain_windows:
-            ids = torch.tensor([prefix])
+        for window in plain_windows.to(device):
+            ids = torch.tensor([prefix], device=device)
             past = fp_model(input_ids=ids, use_cache=True).past_key_values
             out = model(input_ids=window[None], past_key_values=past, use_cache=True)
             logits = out.logits[0, :-1]

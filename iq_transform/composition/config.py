@@ -246,7 +246,9 @@ class QuantizeConfig:
         evaluation (``save_pretrained(save_compressed=True)``, SpikeFree runtime
         included); ``model.spec=<that folder>`` evaluates it as saved
     :param execute: ``int8_cpu`` evaluates the model run in real int8 CPU kernels
-        (:func:`iq_transform.kernels.to_int8_cpu`), beside its fake-quantized
+        (:func:`iq_transform.kernels.to_int8_cpu`), ``fp8`` in FP8
+        ``torch._scaled_mm`` fed by fused Triton kernels on a GPU
+        (:func:`iq_transform.kernels.to_fp8`), beside its fake-quantized
         perplexity (``ppl_fake_quantized``); ``null`` evaluates it fake-quantized
     """
 

@@ -5,12 +5,15 @@ produce) and below evaluation and composition (which run what it converts).
 
 - :mod:`~iq_transform.kernels.int8_cpu`: static W8A8 INT8 in oneDNN's int8 GEMM
   (:func:`to_int8_cpu`)
+- :mod:`~iq_transform.kernels.fp8`: static FP8 e4m3 in ``torch._scaled_mm`` fed by
+  fused Triton norm / GLU / quantization kernels (:func:`to_fp8`)
 """
 
 from __future__ import annotations
 
 from torch import nn
 
+from iq_transform.kernels.fp8 import to_fp8
 from iq_transform.kernels.int8_cpu import (
     Int8ExecutionError,
     is_int8_executed,
@@ -23,11 +26,12 @@ __all__ = [
     "check_executor",
     "execute",
     "is_int8_executed",
+    "to_fp8",
     "to_int8_cpu",
 ]
 
 # ``iq-quantize execute=<name>``
-EXECUTORS = {"int8_cpu": to_int8_cpu}
+EXECUTORS = {"int8_cpu": to_int8_cpu, "fp8": to_fp8}
 
 
 def check_executor(name: str) -> None:

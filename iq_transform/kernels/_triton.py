@@ -1,0 +1,228 @@
+"""Triton kernels behind :mod:`iq_transform.kernels.fused_norm` (CUDA only).
+
+One program per row: a row (K <= 16384 channels) is read once, reduced, and written
+once as FP8 e4m3 or INT8 codes. Every decision (template row or not, zeroed row or
+not) is read from or written to device tensors, so nothing waits on the host.
+"""
+
+from __future__ import annotations
+
+import triton
+import triton.language as tl
+
+FP8_MAX = tl.constexpr(448.0)
+INT8_MIN = tl.constexpr(-128.0)
+INT8_MAX = tl.constexpr(127.0)
+# vLLM's floor for a dynamic per-token scale (an all-zero row still divides safely)
+MIN_DYNAMIC_SCALE = tl.constexpr(1.0 / (448.0 * 512.0))
+
+
+@triton.jit
+def _round_half_even(v):
+    floor = tl.floor(v)
+    fraction = v - floor
+    odd = floor - 2.0 * tl.floor(floor * 0.5)
+    up = (fraction > 0.5) | ((fraction == 0.5) & (odd != 0.0))
+    return tl.where(up, floor + 1.0, floor)
+
+
+@triton.jit
+def _quantize_row(y, scale, IS_FP8: tl.constexpr):
+    scaled = y / scale
+    if IS_FP8:
+        codes = tl.clamp(scaled, -FP8_MAX, FP8_MAX).to(tl.float8e4nv)
+    else:
+        codes = _round_half_even(tl.clamp(scaled, INT8_MIN, INT8_MAX)).to(tl.int8)
+    return codes
+
+
+@triton.jit
+def _row_scale(y, mask, scale_ptr, DYNAMIC: tl.constexpr, QMAX: tl.constexpr):
+    if DYNAMIC:
+        amax = tl.max(tl.where(mask, tl.abs(y), 0.0), axis=0)
+        scale = tl.maximum(amax / QMAX, MIN_DYNAMIC_SCALE)
+    else:
+        scale = tl.load(scale_ptr)
+    return scale
+
+
+@triton.jit
+def norm_templates_quant_kernel(
+    x_ptr,
+    weight_ptr,
+    templates_ptr,
+    kinds_ptr,
+    rows_in_ptr,
+    threshold_ptr,
+    scale_ptr,
+    codes_ptr,
+    row_scales_ptr,
+    rows_out_ptr,
+    M,
+    K,
+    stride_x,
+    stride_codes,
+    eps,
+    weight_offset,
+    ROWS: tl.constexpr,
+    BLOCK: tl.constexpr,
+    HAS_TEMPLATES: tl.constexpr,
+    HAS_ROWS_IN: tl.constexpr,
+    HAS_THRESHOLD: tl.constexpr,
+    DYNAMIC: tl.constexpr,
+    IS_FP8: tl.constexpr,
+    QMAX: tl.constexpr,
+):
+    # ROWS rows per program: the weight is loaded once for all of them
+    rows = tl.program_id(0).to(tl.int64) * ROWS + tl.arange(0, ROWS)
+    row_mask = rows < M
+    cols = tl.arange(0, BLOCK)
+    col_mask = cols < K
+    mask = row_mask[:, None] & col_mask[None, :]
+    x = tl.load(
+        x_ptr + rows[:, None] * stride_x + cols[None, :], mask=mask, other=0.0
+    ).to(tl.float32)
+    w = tl.load(weight_ptr + cols, mask=col_mask, other=0.0).to(tl.float32)
+    w = (w + weight_offset)[None, :]
+    mean_square = tl.sum(x * x, axis=1) / K
+    y = x * tl.rsqrt(mean_square + eps)[:, None] * w
+    if HAS_TEMPLATES:
+        flag = tl.zeros([ROWS], dtype=tl.int32)
+        if HAS_ROWS_IN:
+            flag = tl.load(rows_in_ptr + rows, mask=row_mask, other=0).to(tl.int32)
+        if HAS_THRESHOLD:
+            amax = tl.max(tl.abs(x), axis=1)
+            flag = flag | (amax > tl.load(threshold_ptr)).to(tl.int32)
+        templated = flag != 0
+        kind = tl.load(kinds_ptr + rows, mask=row_mask, other=0).to(tl.int64)
+        template = tl.load(
+            templates_ptr + kind[:, None] * K + cols[None, :],
+            mask=mask & templated[:, None],
+            other=0.0,
+        )
+        y = tl.where(templated[:, None], template.to(tl.float32) * w, y)
+        tl.store(rows_out_ptr + rows, templated.to(tl.int8), mask=row_mask)
+    if DYNAMIC:
+        amax_y = tl.max(tl.abs(y), axis=1)
+        scale = tl.maximum(amax_y / QMAX, MIN_DYNAMIC_SCALE)
+    else:
+        scale = tl.load(scale_ptr) + tl.zeros([ROWS], dtype=tl.float32)
+    codes = _quantize_row(y, scale[:, None], IS_FP8)
+    tl.store(codes_ptr + rows[:, None] * stride_codes + cols[None, :], codes, mask=mask)
+    tl.store(row_scales_ptr + rows, scale, mask=row_mask)
+
+
+@triton.jit
+def silu_mul_quant_kernel(
+    gate_up_ptr,
+    exact_ptr,
+    kinds_ptr,
+    rows_in_ptr,
+    threshold_ptr,
+    scale_ptr,
+    codes_ptr,
+    row_scales_ptr,
+    rows_out_ptr,
+    N,
+    stride_gate_up,
+    stride_codes,
+    BLOCK: tl.constexpr,
+    HAS_ROWS_IN: tl.constexpr,
+    HAS_EXACT: tl.constexpr,
+    HAS_THRESHOLD: tl.constexpr,
+    DYNAMIC: tl.constexpr,
+    IS_FP8: tl.constexpr,
+    QMAX: tl.constexpr,
+):
+    row = tl.program_id(0).to(tl.int64)
+    cols = tl.arange(0, BLOCK)
+    mask = cols < N
+    base = gate_up_ptr + row * stride_gate_up
+    gate = tl.load(base + cols, mask=mask, other=0.0).to(tl.float32)
+    up = tl.load(base + N + cols, mask=mask, other=0.0).to(tl.float32)
+    flag = 0
+    if HAS_ROWS_IN:
+        flag = tl.load(rows_in_ptr + row).to(tl.int32)
+    carrier = flag != 0
+    if HAS_EXACT:
+        # carriers' gate/up rows: the precomputed unquantized-input products
+        kind = tl.load(kinds_ptr + row).to(tl.int64)
+        exact = exact_ptr + kind * 2 * N
+        exact_gate = tl.load(exact + cols, mask=mask & carrier, other=0.0)
+        exact_up = tl.load(exact + N + cols, mask=mask & carrier, other=0.0)
+        gate = tl.where(carrier, exact_gate.to(tl.float32), gate)
+        up = tl.where(carrier, exact_up.to(tl.float32), up)
+    hidden = gate / (1.0 + tl.exp(-gate)) * up
+    if HAS_THRESHOLD:
+        # a down_proj site: detected and carried rows are zeroed (their output
+        # becomes the layer's down template)
+        amax = tl.max(tl.where(mask, tl.abs(hidden), 0.0), axis=0)
+        zeroed = (flag | (amax > tl.load(threshold_ptr)).to(tl.int32)) != 0
+        hidden = tl.where(zeroed, 0.0, hidden)
+        tl.store(rows_out_ptr + row, zeroed.to(tl.int8))
+    scale = _row_scale(hidden, mask, scale_ptr, DYNAMIC, QMAX)
+    codes = _quantize_row(hidden, scale, IS_FP8)
+    tl.store(codes_ptr + row * stride_codes + cols, codes, mask=mask)
+    tl.store(row_scales_ptr + row, scale)
+
+
+@triton.jit
+def quant_kernel(
+    x_ptr,
+    scale_ptr,
+    codes_ptr,
+    row_scales_ptr,
+    K,
+    stride_x,
+    stride_codes,
+    BLOCK: tl.constexpr,
+    DYNAMIC: tl.constexpr,
+    IS_FP8: tl.constexpr,
+    QMAX: tl.constexpr,
+):
+    row = tl.program_id(0).to(tl.int64)
+    cols = tl.arange(0, BLOCK)
+    mask = cols < K
+    x = tl.load(x_ptr + row * stride_x + cols, mask=mask, other=0.0).to(tl.float32)
+    scale = _row_scale(x, mask, scale_ptr, DYNAMIC, QMAX)
+    codes = _quantize_row(x, scale, IS_FP8)
+    tl.store(codes_ptr + row * stride_codes + cols, codes, mask=mask)
+    tl.store(row_scales_ptr + row, scale)
+
+
+# elements per thread per row: measured on the H200 (benchmarks/speed_gpu.py)
+ELEMENTS_PER_THREAD = 16
+
+
+# rows per program of the norm kernel
+NORM_ROWS = 4
+
+
+def launch_config(width: int, rows: int = 1) -> tuple[int, int]:
+    """(BLOCK, num_warps) for programs of ``rows`` rows of ``width`` elements."""
+    block = triton.next_power_of_2(width)
+    return block, max(1, min(16, rows * block // (32 * ELEMENTS_PER_THREAD)))
+
+
+@triton.jit
+def replace_rows_kernel(
+    out_ptr,
+    flags_ptr,
+    kinds_ptr,
+    constants_ptr,
+    N,
+    stride_out,
+    BLOCK: tl.constexpr,
+):
+    # one program per row; a row not flagged moves no data (masked)
+    row = tl.program_id(0).to(tl.int64)
+    flagged = tl.load(flags_ptr + row) != 0
+    kind = tl.load(kinds_ptr + row).to(tl.int64)
+    cols = tl.arange(0, BLOCK)
+    mask = (cols < N) & flagged
+    values = tl.load(constants_ptr + kind * N + cols, mask=mask)
+    tl.store(
+        out_ptr + row * stride_out + cols,
+        values.to(out_ptr.dtype.element_ty),
+        mask=mask,
+    )
