@@ -46,12 +46,19 @@ from iq_transform.models.cache import cached_build
 from iq_transform.models.gguf import convert_offline_model
 from iq_transform.models.registry import (
     OFFLINE_MODELS,
+    OFFLINE_VISION_MODELS,
     TOY_FAMILIES,
     ModelSpecError,
     OfflineModel,
+    OfflineVisionModel,
     spec_help,
 )
 from iq_transform.models.transforms import attach_online_transforms
+from iq_transform.models.vision import (
+    is_vision_config,
+    load_image_processor,
+    vision_model_class,
+)
 
 __all__ = ["AUTO_OFFLOAD", "load_model", "resolve_model_dir"]
 
@@ -110,12 +117,18 @@ def load_model(
         kwargs["max_memory"] = _max_memory(max_memory)
     if offload_folder is not None:
         kwargs["offload_folder"] = str(Path(offload_folder).expanduser())
-    with _offloading(device_map):
-        model = AutoModelForCausalLM.from_pretrained(source, **kwargs)
+    config = AutoConfig.from_pretrained(source, **hub_kwargs)
+    vision = is_vision_config(config)
+    model_class = vision_model_class(config) if vision else AutoModelForCausalLM
+    with _offloading(device_map, model_class):
+        model = model_class.from_pretrained(source, **kwargs)
     # a QuIP checkpoint's online rotations (a SpikeFree one has them already)
     attach_online_transforms(model, source, **hub_kwargs)
     model.eval()
-    tokenizer = AutoTokenizer.from_pretrained(source, **hub_kwargs)
+    if vision:  # the image processor stands where a tokenizer would
+        tokenizer = load_image_processor(source, **hub_kwargs)
+    else:
+        tokenizer = AutoTokenizer.from_pretrained(source, **hub_kwargs)
     placement = f", device_map={device_map}" if device_map is not None else ""
     logger.info(
         f"Loaded {spec} ({type(model).__name__}, {dtype}{placement}) from {source} "
@@ -124,7 +137,9 @@ def load_model(
     return model, tokenizer
 
 
-def _offloading(device_map: str | dict | None) -> AbstractContextManager:
+def _offloading(
+    device_map: str | dict | None, model_class: type = AutoModelForCausalLM
+) -> AbstractContextManager:
     """compressed-tensors' loading context for :data:`AUTO_OFFLOAD` (it maps the
     name to accelerate's ``"auto"`` over CPU and disk, then converts the model to
     its own offloading); no context otherwise."""
@@ -132,7 +147,7 @@ def _offloading(device_map: str | dict | None) -> AbstractContextManager:
         return nullcontext()
     from compressed_tensors.offload import load_offloaded_model
 
-    return load_offloaded_model(AutoModelForCausalLM)
+    return load_offloaded_model(model_class)
 
 
 def _max_memory(max_memory: Mapping) -> dict[int | str, int | str]:
@@ -163,6 +178,8 @@ def resolve_model_dir(spec: str, cache_dir: str | Path | None = None) -> Path | 
     """
     if spec in OFFLINE_MODELS:
         return _ensure_converted(OFFLINE_MODELS[spec], cache_dir)
+    if spec in OFFLINE_VISION_MODELS:
+        return _ensure_onnx_converted(OFFLINE_VISION_MODELS[spec], cache_dir)
     if spec in TOY_FAMILIES:
         return _ensure_toy(spec, cache_dir)
 
@@ -228,6 +245,19 @@ def _ensure_converted(model: OfflineModel, cache_dir: str | Path | None) -> Path
 
     def convert(staging: Path, work_dir: Path) -> None:
         convert_offline_model(model, staging, work_dir)
+
+    return cached_build(model.name, cache_dir, convert)
+
+
+def _ensure_onnx_converted(
+    model: OfflineVisionModel, cache_dir: str | Path | None
+) -> Path:
+    """The converted folder of an ONNX vision backbone (seconds, once)."""
+
+    def convert(staging: Path, work_dir: Path) -> None:
+        from iq_transform.models.onnx_vit import convert_onnx_dinov2
+
+        convert_onnx_dinov2(model, staging)
 
     return cached_build(model.name, cache_dir, convert)
 
