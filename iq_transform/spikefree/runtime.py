@@ -15,7 +15,7 @@ llm-compressor's layer-major sequential pipeline, shuffled data and padding):
    spike) and ``down_proj``'s output rows become the output template, so the
    residual stream receives exactly what the spike would have written.
 
-Plain torch hooks and an instance-level ``mlp.forward`` are used, not
+Plain torch hooks (on the layer, its norms and the MLP output projection) are used, not
 ``HooksMixin`` hooks, because they must act in llm-compressor's propagation pass
 too. Observers learn which rows to drop from
 :func:`iq_transform.spikefree.rows.excluded_rows`.
@@ -23,7 +23,6 @@ too. Observers learn which rows to drop from
 
 from __future__ import annotations
 
-import types
 from dataclasses import dataclass
 
 import torch
@@ -77,6 +76,7 @@ def insert_templates(
     kinds: torch.Tensor,
     templates: torch.Tensor,
     scale: torch.Tensor | None = None,
+    shift: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Overwrite the spike rows of ``output`` with their kind's template.
 
@@ -88,12 +88,15 @@ def insert_templates(
     :param kinds: long (batch, tokens), each row's spike kind
     :param templates: (kinds, hidden)
     :param scale: optional (hidden,) factor, e.g. the norm's current weight
+    :param shift: optional (hidden,) term added after it, e.g. a LayerNorm's bias
     """
     if not bool(rows.any()):
         return output
     values = templates.to(output.device)[kinds[rows]]
     if scale is not None:
         values = values * scale
+    if shift is not None:
+        values = values + shift
     output = output.clone()
     output[rows] = values.to(output.dtype)
     return output
@@ -110,8 +113,18 @@ def _effective_norm_weight(norm: nn.Module, arch: ArchSpec) -> torch.Tensor:
     return norm.weight.float() + offset
 
 
-def _normalized(x: torch.Tensor, eps: float) -> torch.Tensor:
+def _norm_bias(norm: nn.Module) -> torch.Tensor | None:
+    """A LayerNorm's bias (as the module is now: SmoothQuant divides it too)."""
+    bias = getattr(norm, "bias", None)
+    return None if bias is None else bias.float()
+
+
+def _normalized(x: torch.Tensor, eps: float, arch: ArchSpec) -> torch.Tensor:
+    """What the norm scales by its weight: ``x / rms(x)``, or for a LayerNorm
+    ``(x - mean) / std``."""
     x = x.float()
+    if arch.norm_kind == "layer":
+        x = x - x.mean(-1, keepdim=True)
     return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps)
 
 
@@ -142,7 +155,7 @@ class LayerRuntime:
         ]
         if runtime.exact_template_rows:
             self._hook_template_fed_linears()
-        self._patch_mlp()
+        self._hook_down_proj()
 
     # -- state -----------------------------------------------------------------
     @property
@@ -167,8 +180,6 @@ class LayerRuntime:
         for handle in [*self._handles, *self._norm_handles.values()]:
             handle.remove()
         self._norm_handles.clear()
-        if "forward" in self.mlp.__dict__:
-            del self.mlp.forward
 
     # -- hooks -----------------------------------------------------------------
     def _before_layer(self, module, args, kwargs):
@@ -218,7 +229,7 @@ class LayerRuntime:
             if state is None or not bool(state.carriers.any()):
                 return None
             if self.collecting:
-                normalized = _normalized(args[0], _norm_epsilon(module))
+                normalized = _normalized(args[0], _norm_epsilon(module), self.arch)
                 self.statistics.add_rows(
                     self.statistics.norm_sums[name],
                     self.statistics.norm_counts[name],
@@ -229,12 +240,14 @@ class LayerRuntime:
             template = self.templates.norm_templates.get(name)
             if template is None:
                 return None
+            bias = _norm_bias(module)
             return insert_templates(
                 output,
                 state.carriers,
                 state.kinds,
                 template,
                 scale=_effective_norm_weight(module, self.arch).to(output.device),
+                shift=None if bias is None else bias.to(output.device),
             )
 
         return after_norm
@@ -267,24 +280,27 @@ class LayerRuntime:
 
         return after_linear
 
-    def _patch_mlp(self) -> None:
-        runtime_layer = self
-        mlp = self.mlp
+    def _hook_down_proj(self) -> None:
+        """Hooks on the MLP's output projection itself, so any MLP layout works
+        (gated, fused gate_up, fc1 -> fc2): the input hook zeroes spike rows before
+        it, the output hook writes the output template into them."""
+        down_proj = self.layer.get_submodule(self.arch.down_proj)
+        self._handles.append(
+            down_proj.register_forward_pre_hook(self._before_down_proj, prepend=True)
+        )
+        after = down_proj.register_forward_hook(self._after_down_proj)
+        self._handles.append(after)
+        self._after_down_proj_id = after.id
+        self._down_rows: torch.Tensor | None = None
 
-        def spikefree_mlp_forward(module, x):
-            hidden = module.act_fn(module.gate_proj(x)) * module.up_proj(x)
-            return runtime_layer._down_proj(module, hidden)
-
-        mlp.forward = types.MethodType(spikefree_mlp_forward, mlp)
-
-    def _down_proj(self, mlp: nn.Module, hidden: torch.Tensor) -> torch.Tensor:
-        state = self.current
-        down_proj = mlp.get_submodule(self.arch.down_proj.rsplit(".", 1)[1])
+    def _before_down_proj(self, module, args):
+        self._down_rows = None
+        state, hidden = self.current, args[0]
         if state is None or hidden.is_meta:
-            return down_proj(hidden)
+            return None
         down_site = self.collecting or self.templates.down_template is not None
         if not down_site:
-            return down_proj(hidden)
+            return None
         token_max = detect_token_max(hidden)
         threshold = None if self.collecting else self.templates.down_threshold
         detected = spike_token_mask(
@@ -292,15 +308,26 @@ class LayerRuntime:
         )
         rows = detected | state.carriers
         self.runtime.note_spikes(rows)
+        self._down_rows = rows
         if self.collecting:
-            output = down_proj(hidden)
-            self._record_down(token_max, detected, state, output, rows)
-            return output
+            self._down_detected = (token_max, detected)
+            return None
+        # The template goes in after every other output hook (QuIP's online output
+        # rotation is registered after this runtime): ours must run last.
+        module._forward_hooks.move_to_end(self._after_down_proj_id)
         set_excluded_rows(rows)
-        try:
-            output = down_proj(hidden.masked_fill(rows.unsqueeze(-1), 0.0))
-        finally:
-            set_excluded_rows(state.carriers)
+        return (hidden.masked_fill(rows.unsqueeze(-1), 0.0), *args[1:])
+
+    def _after_down_proj(self, module, args, output):
+        rows, state = self._down_rows, self.current
+        if rows is None or state is None:
+            return None
+        self._down_rows = None
+        if self.collecting:
+            token_max, detected = self._down_detected
+            self._record_down(token_max, detected, state, output, rows)
+            return None
+        set_excluded_rows(state.carriers)
         return insert_templates(output, rows, state.kinds, self.templates.down_template)
 
     # -- calibration statistics -------------------------------------------------
@@ -408,11 +435,17 @@ class SpikeFreeRuntime:
         self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None
     ) -> None:
         """One forward through the decoder only: templates need no logits, and the
-        ``lm_head`` is a large share of a small model's compute."""
+        ``lm_head`` is a large share of a small model's compute. For a vision
+        transformer (``arch.inputs``), ``input_ids`` holds ``pixel_values``."""
         decoder = self.model.get_submodule(self.arch.decoder)
         self.begin_forward(attention_mask)
         try:
-            decoder(input_ids=input_ids, attention_mask=attention_mask, use_cache=False)
+            if self.arch.inputs == "pixel_values":  # no mask, no cache
+                decoder(pixel_values=input_ids)
+            else:
+                decoder(
+                    input_ids=input_ids, attention_mask=attention_mask, use_cache=False
+                )
         finally:
             self.end_forward()
 

@@ -1,0 +1,136 @@
+"""The planted-spike tiny ViTs (Dinov2Model, ViTModel): spikes on CLS and on one
+patch position, LayerNorm, fc1 -> fc2 MLPs; exact expectations as for the Llama
+toy, and SpikeFree inside oneshot with image calibration data."""
+
+import pytest
+import torch
+
+from iq_transform import SpikeFreeModifier, get_runtime
+from iq_transform.composition.pipeline import apply_recipe
+from iq_transform.composition.schemes import w8a8_quantizer
+from iq_transform.evaluation.features import feature_quality, image_features
+from iq_transform.models import get_arch_spec
+from iq_transform.models.toy_vit import (
+    build_planted_spike_vit,
+    random_images,
+    toy_image_processor,
+)
+from iq_transform.spikefree.runtime import SpikeFreeRuntime
+from iq_transform.spikefree.templates import FIRST_TOKEN, MID_SEQUENCE
+
+FAMILIES = ["dinov2", "vit"]
+
+
+@pytest.fixture(scope="module", params=FAMILIES)
+def toy(request):
+    model, spikes = build_planted_spike_vit(request.param)
+    return model, spikes
+
+
+@pytest.fixture(scope="module")
+def images():
+    return random_images(3, seed=1)
+
+
+def calibrated_runtime(model) -> SpikeFreeRuntime:
+    runtime = SpikeFreeRuntime(model, get_arch_spec(model), ratio=64.0)
+    runtime.start_collecting()
+    runtime.calibration_forward(random_images(4, seed=2))
+    runtime.finish_collecting()
+    return runtime
+
+
+def test_planted_spikes_sit_where_planted(toy, images):
+    model, spikes = toy
+    with torch.no_grad():
+        hidden = model(pixel_values=images, output_hidden_states=True).hidden_states
+    for spike in spikes:
+        position, channel = spike.token_id, spike.spike_channel
+        for layer in range(spike.create_layer, spike.remove_layer):
+            values = hidden[layer + 1][:, position, channel]
+            torch.testing.assert_close(
+                values, torch.full_like(values, spike.spike), rtol=0.02, atol=0
+            )
+        removed = hidden[spike.remove_layer + 1][:, position, channel]
+        assert removed.abs().max() < 0.05 * spike.spike  # as the Llama toy
+
+
+def test_sites_templates_and_spike_tokens_are_exact(toy, images):
+    model, (cls, patch) = toy
+    runtime = calibrated_runtime(model)
+    try:
+        templates = runtime.templates
+        assert templates.carrier_layers == [2, 3, 4]
+        assert templates.down_proj_layers == [1, 2, 3, 4]
+        creating = templates.layers[1].down_template
+        assert creating[FIRST_TOKEN, cls.spike_channel] == pytest.approx(
+            cls.spike, rel=0.02
+        )
+        assert creating[MID_SEQUENCE, patch.spike_channel] == pytest.approx(
+            patch.spike, rel=0.02
+        )
+        # LayerNorm templates: a token dominated by one channel normalizes to
+        # sqrt(hidden - 1) there (its mean is subtracted first)
+        hidden_size = model.config.hidden_size
+        for layer in (2, 3, 4):
+            for name, template in templates.layers[layer].norm_templates.items():
+                for kind, spike in ((FIRST_TOKEN, cls), (MID_SEQUENCE, patch)):
+                    value = template[kind, spike.spike_channel]
+                    assert value == pytest.approx((hidden_size - 1) ** 0.5, 0.01), name
+        with torch.no_grad():
+            model(pixel_values=images)
+        expected = torch.zeros_like(runtime.last_spike_tokens)
+        expected[:, [cls.token_id, patch.token_id]] = True
+        assert torch.equal(runtime.last_spike_tokens, expected)
+    finally:
+        runtime.remove()
+
+
+def test_templates_keep_every_other_token_and_cls_features(toy, images):
+    """The spike patch token is replaced by its kind's mean (its own patch content
+    is lost while it carries the spike, as DINOv2's high-norm tokens); CLS and
+    every ordinary token keep their FP features."""
+    model, (cls, patch) = toy
+    with torch.no_grad():
+        before = model(pixel_values=images).last_hidden_state
+    runtime = calibrated_runtime(model)
+    try:
+        with torch.no_grad():
+            after = model(pixel_values=images).last_hidden_state
+    finally:
+        runtime.remove()
+    cosine = torch.nn.functional.cosine_similarity(after, before, dim=-1)
+    others = [i for i in range(cosine.shape[1]) if i != patch.token_id]
+    assert cosine[:, others].min() > 0.999
+    assert cosine[:, cls.token_id].min() > 0.999
+
+
+def test_spikefree_in_oneshot_with_images_beats_plain_static():
+    images = random_images(8, seed=3)
+    features = {}
+    for name, recipe in (
+        ("fp32", []),
+        ("static", [w8a8_quantizer("int", dynamic=False, observer="minmax")]),
+        (
+            "spikefree",
+            [
+                SpikeFreeModifier(),
+                w8a8_quantizer("int", dynamic=False, observer="spikefree_minmax"),
+            ],
+        ),
+    ):
+        model, _ = build_planted_spike_vit("dinov2")
+        if recipe:
+            apply_recipe(model, toy_image_processor(), recipe, random_images(4, seed=2))
+        features[name] = image_features(model, images)
+        if name == "spikefree":
+            assert get_runtime(model).templates.carrier_layers == [2, 3, 4]
+            fc2 = model.encoder.layer[1].mlp.fc2
+            assert hasattr(fc2, "input_scale")
+    static = feature_quality(features["static"], features["fp32"])
+    spikefree = feature_quality(features["spikefree"], features["fp32"])
+    assert 1 - spikefree.pooled_cosine < (1 - static.pooled_cosine) / 3, (
+        static,
+        spikefree,
+    )
+    assert spikefree.cls_cosine > static.cls_cosine
