@@ -1,5 +1,6 @@
 """The planted-spike toy in every Llama-layout family the ArchSpec table names
-(Mistral, Qwen2 with q/k/v biases, Qwen3 with q/k norms): the same exact
+(Mistral, Qwen2 with q/k/v biases, Qwen3 with q/k norms, Phi-3 with fused
+``qkv_proj`` and ``gate_up_proj``): the same exact
 expectations as the Llama toy, end to end through oneshot, SmoothQuant and a
 save/reload."""
 
@@ -16,7 +17,7 @@ from iq_transform.spikefree.runtime import SpikeFreeRuntime
 from iq_transform.spikefree.templates import FIRST_TOKEN, MID_SEQUENCE
 from tests.test_compose import composed_config, recipe_of
 
-FAMILIES = ["mistral", "qwen2", "qwen3"]
+FAMILIES = ["mistral", "qwen2", "qwen3", "phi3"]
 
 
 def quantized(family: str, calibration, transform: str, stages: str):
@@ -61,8 +62,14 @@ def family(request, calibration, eval_windows, tmp_path_factory):
 def test_each_family_is_its_own_transformers_class(family):
     model = family["fp"]
     assert model.config.model_type == family["name"]
-    assert get_arch_spec(model).name == "llama"
+    assert get_arch_spec(model).name == (
+        "phi3" if family["name"] == "phi3" else "llama"
+    )
     layer = model.model.layers[0]
+    if family["name"] == "phi3":
+        assert hasattr(layer.self_attn, "qkv_proj") and hasattr(
+            layer.mlp, "gate_up_proj"
+        )
     if family["name"] == "qwen2":
         assert layer.self_attn.q_proj.bias is not None
     if family["name"] == "qwen3":

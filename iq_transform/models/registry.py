@@ -29,6 +29,7 @@ TOY_FAMILIES = {
     f"{TOY_MODEL}-mistral": "mistral",
     f"{TOY_MODEL}-qwen2": "qwen2",
     f"{TOY_MODEL}-qwen3": "qwen3",
+    f"{TOY_MODEL}-phi3": "phi3",
 }
 
 

@@ -1,8 +1,9 @@
 """Tiny decoders with planted massive activations, for tests and quick sweeps.
 
 One builder for every Llama-layout family (``TOY_FAMILIES``: Llama, Mistral,
-Qwen2 with q/k/v biases, Qwen3 with q/k norms), each built from its own
-transformers config, so each family's layout is exercised end to end.
+Qwen2 with q/k/v biases, Qwen3 with q/k norms, Phi-3 with fused ``qkv_proj`` and
+``gate_up_proj``), each built from its own transformers config, so each family's
+layout is exercised end to end.
 
 Two spike kinds, as in real LLMs: ``<s>`` (BOS, always the first token) and the
 newline delimiter (mid-sequence). Each carries a marker in its own embedding channel;
@@ -106,7 +107,7 @@ def build_planted_spike_model(
 
     :param family: the transformers ``model_type`` whose config and classes are
         built, one of ``TOY_FAMILIES``' values (``llama``, ``mistral``, ``qwen2``,
-        ``qwen3``)
+        ``qwen3``, ``phi3``)
     :return: model, character tokenizer, and one ``PlantedSpike`` per kind
         (BOS first, then the newline delimiter)
     """
@@ -184,7 +185,7 @@ def build_planted_spike_model(
 
 
 def toy_family(spec: str) -> str | None:
-    """The family a toy spec builds (``tiny-planted-qwen3`` -> ``qwen3``), if any."""
+    """The family a toy spec builds (``tiny-planted-qwen3`` -> ``qwen3``, ``phi3``), if any."""
     return TOY_FAMILIES.get(spec)
 
 
@@ -215,14 +216,23 @@ def _reserve_channels(model: PreTrainedModel, channels: list[int]) -> None:
         layer.mlp.down_proj.weight[channels] = 0.0
 
 
+def _gate_and_up_rows(mlp, unit: int) -> list[tuple[torch.nn.Linear, int]]:
+    """The gate and up projections' rows of MLP unit ``unit``: two linears, or
+    Phi-3's fused ``gate_up_proj`` (gate rows first, then up rows)."""
+    if hasattr(mlp, "gate_up_proj"):
+        width = mlp.gate_up_proj.out_features // 2
+        return [(mlp.gate_up_proj, unit), (mlp.gate_up_proj, width + unit)]
+    return [(mlp.gate_proj, unit), (mlp.up_proj, unit)]
+
+
 def _plant_unit(
     model: PreTrainedModel, layer: int, unit: int, read: int, write: int
 ) -> None:
     """Dedicate MLP unit ``unit`` of ``layer`` to map channel ``read`` to ``write``."""
     mlp = model.model.layers[layer].mlp
-    for projection in (mlp.gate_proj, mlp.up_proj):
-        projection.weight[unit] = 0.0
-        projection.weight[unit, read] = 8.0
+    for projection, row in _gate_and_up_rows(mlp, unit):
+        projection.weight[row] = 0.0
+        projection.weight[row, read] = 8.0
     mlp.down_proj.weight[:, unit] = 0.0
     mlp.down_proj.weight[write, unit] = 1.0
 
