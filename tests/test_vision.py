@@ -39,3 +39,18 @@ def test_the_converted_dinov2_computes_what_the_onnx_file_does():
         hidden = model(pixel_values=pixels).last_hidden_state.numpy()
     assert expected.shape == hidden.shape == (4, 257, 384)  # CLS + 16x16 patches
     np.testing.assert_allclose(hidden, expected, rtol=1e-3, atol=1e-3)
+
+
+@pytest.mark.slow
+def test_dinov2_small_has_no_massive_activations():
+    """The no-spike control: DINOv2-S/14's largest token ratio is ~10x."""
+    from iq_transform.composition.config import TextConfig
+    from iq_transform.evaluation.spike_analysis import analyze_spikes
+
+    model, processor = load_model("dinov2-small")
+    data = TextConfig(path="shared/imagenet-sample", images=True, num_samples=2)
+    pixels = data.calibration_windows(processor)
+    report = analyze_spikes(model, processor, pixels, ratio=64.0, progress=False)
+    assert report.seqlen == 257 and not report.has_spikes
+    assert max(s.peak_token_ratio for s in report.sites if s.kind == "residual") < 32
+    assert "no spike tokens" in report.summary()

@@ -134,3 +134,24 @@ def test_spikefree_in_oneshot_with_images_beats_plain_static():
         spikefree,
     )
     assert spikefree.cls_cosine > static.cls_cosine
+
+
+def test_analysis_finds_the_planted_cls_and_patch_spikes(toy, images):
+    from iq_transform.evaluation.spike_analysis import analyze_spikes
+
+    model, (cls, patch) = toy
+    report = analyze_spikes(model, None, images, progress=False)
+    assert report.seqlen == 17  # CLS + 4x4 patches
+    found = {(t.sample, t.token_index) for t in report.spike_tokens}
+    assert found == {(s, p) for s in range(3) for p in (cls.token_id, patch.token_id)}
+    names = {t.token for t in report.spike_tokens}
+    assert names == {"<cls>", f"<patch {patch.token_id - 1}>"}
+    for token in report.spike_tokens:
+        assert token.created_at_layer == 1 and token.removed_at_layer == 4
+    layers = arch_layers(model)
+    assert report.creating_sites == [f"{layers}.1.mlp.fc2"]
+    assert report.removing_sites == [f"{layers}.4.mlp.fc2"]
+
+
+def arch_layers(model) -> str:
+    return get_arch_spec(model).layers

@@ -311,6 +311,16 @@ def _token_text(tokenizer: PreTrainedTokenizerBase, token_id: int) -> str:
     return tokenizer.decode([token_id])
 
 
+def _image_token_name(config, token_index: int) -> str:
+    """A vision transformer's token by position: CLS, registers, then patches."""
+    registers = getattr(config, "num_register_tokens", 0) or 0
+    if token_index == 0:
+        return "<cls>"
+    if token_index <= registers:
+        return f"<register {token_index - 1}>"
+    return f"<patch {token_index - 1 - registers}>"
+
+
 def _spike_kind(token_index: int) -> str:
     return "first_token" if token_index == 0 else "mid_sequence"
 
@@ -327,6 +337,10 @@ def analyze_spikes(
 ) -> SpikeReport:
     """Run ``windows`` (samples, seqlen) through ``model`` and report its spikes.
 
+    For a vision transformer ``windows`` are ``pixel_values`` (samples, 3, h, w)
+    and ``tokenizer`` may be its image processor; tokens are named by position
+    (``<cls>``, ``<register i>``, ``<patch i>``).
+
     :param ratio: a token is a spike token at a site when its max |x| exceeds
         ``ratio`` x the median over the sample's tokens of that max
     :param top_k: how many of the largest |activations| to keep per site
@@ -337,17 +351,23 @@ def analyze_spikes(
         model, arch, top_k, ratio, lambda: current["sample"]
     )
     device = next(model.parameters()).device
+    dtype = next(model.parameters()).dtype
     try:
         for sample, window in enumerate(
             tqdm(windows, desc="spike analysis", disable=not progress, leave=False)
         ):
             current["sample"] = sample
-            model(input_ids=window.unsqueeze(0).to(device), use_cache=False)
+            if arch.inputs == "pixel_values":
+                model(pixel_values=window.unsqueeze(0).to(device, dtype))
+            else:
+                model(input_ids=window.unsqueeze(0).to(device), use_cache=False)
     finally:
         for handle in handles:
             handle.remove()
 
     def text(sample: int, token_index: int) -> str:
+        if arch.inputs == "pixel_values":
+            return _image_token_name(model.config, token_index)
         return _token_text(tokenizer, int(windows[sample, token_index]))
 
     sites = [_site_report(recorder, ratio, text) for recorder in recorders]
@@ -360,7 +380,7 @@ def analyze_spikes(
         channel_outliers=_summarize_channel_outliers(sites),
         model=model_name or getattr(model.config, "_name_or_path", ""),
         num_samples=windows.shape[0],
-        seqlen=windows.shape[1],
+        seqlen=len(recorders[0].token_max[0]),
         ratio=ratio,
         has_spikes=bool(spike_tokens),
         sites=sites,
