@@ -155,3 +155,32 @@ def test_analysis_finds_the_planted_cls_and_patch_spikes(toy, images):
 
 def arch_layers(model) -> str:
     return get_arch_spec(model).layers
+
+
+def test_iq_quantize_and_iq_analyze_take_a_vit_and_image_data(tmp_path):
+    """The apps' image path: data=imagenet_sample / eval=imagenet_sample (real
+    photos, resized by the toy's image processor), features against FP32."""
+    from iq_transform.cli.analyze import run_analysis
+    from iq_transform.composition.config import AnalyzeConfig
+    from iq_transform.composition.job import run_quantize
+    from tests.test_compose import composed_config
+
+    config = composed_config(
+        "model=tiny-planted-dinov2",
+        "data=imagenet_sample",
+        "eval=imagenet_sample",
+        "data.num_samples=4",
+        "eval.num_samples=8",
+        "transform.ratio=64",
+        "quant.observer=minmax",
+        "progress=false",
+    )
+    results = run_quantize(config, tmp_path / "quantize")
+    assert results["spikefree_carrier_layers"] == [2, 3, 4]
+    features = results["features"]
+    assert features["num_images"] == 8 and features["cls_cosine"] > 0.99
+    assert (tmp_path / "quantize" / "recipe.yaml").is_file()
+    analyze = AnalyzeConfig(model=config.model, data=config.data, progress=False)
+    report = run_analysis(analyze, tmp_path / "analyze")
+    assert report["has_spikes"] and report["seqlen"] == 17
+    assert {t["token"] for t in report["spike_tokens"]} == {"<cls>", "<patch 5>"}

@@ -267,8 +267,18 @@ def _ensure_toy(spec: str, cache_dir: str | Path | None) -> Path:
 
     def build(staging: Path, work_dir: Path) -> None:
         from iq_transform.models.toy import build_planted_spike_model
+        from iq_transform.models.toy_vit import (
+            VIT_TOY_FAMILIES,
+            build_planted_spike_vit,
+            toy_image_processor,
+        )
 
-        model, tokenizer, _ = build_planted_spike_model(family=TOY_FAMILIES[spec])
+        family = TOY_FAMILIES[spec]
+        if family in VIT_TOY_FAMILIES:  # the image processor stands for a tokenizer
+            model, _ = build_planted_spike_vit(family)
+            tokenizer = toy_image_processor()
+        else:
+            model, tokenizer, _ = build_planted_spike_model(family=family)
         model.save_pretrained(staging)
         tokenizer.save_pretrained(staging)
 

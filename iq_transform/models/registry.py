@@ -30,6 +30,9 @@ TOY_FAMILIES = {
     f"{TOY_MODEL}-qwen2": "qwen2",
     f"{TOY_MODEL}-qwen3": "qwen3",
     f"{TOY_MODEL}-phi3": "phi3",
+    # vision transformers (iq_transform.models.toy_vit): spikes on CLS and a patch
+    f"{TOY_MODEL}-dinov2": "dinov2",
+    f"{TOY_MODEL}-vit": "vit",
 }
 
 

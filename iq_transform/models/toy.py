@@ -185,7 +185,7 @@ def build_planted_spike_model(
 
 
 def toy_family(spec: str) -> str | None:
-    """The family a toy spec builds (``tiny-planted-qwen3`` -> ``qwen3``, ``phi3``), if any."""
+    """The family a toy spec builds (``tiny-planted-qwen3`` -> ``qwen3``), if any."""
     return TOY_FAMILIES.get(spec)
 
 
