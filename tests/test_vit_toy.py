@@ -184,3 +184,41 @@ def test_iq_quantize_and_iq_analyze_take_a_vit_and_image_data(tmp_path):
     report = run_analysis(analyze, tmp_path / "analyze")
     assert report["has_spikes"] and report["seqlen"] == 17
     assert {t["token"] for t in report["spike_tokens"]} == {"<cls>", "<patch 5>"}
+
+
+@pytest.mark.parametrize(
+    "name", ["CLIPVisionModel", "Dinov2WithRegistersModel", "ViTForImageClassification"]
+)
+def test_other_vision_layouts_resolve_and_pass_through(name):
+    """Every ArchSpec path resolves (CLIP's layer_norm1/2, registers, a task head's
+    ``vit.`` prefix) and a random model without spikes passes through unchanged."""
+    import transformers
+
+    model_class = getattr(transformers, name)
+    config_class = model_class.config_class
+    config = config_class(
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        intermediate_size=64,
+        image_size=28,
+        patch_size=14,
+    )
+    model = model_class(config).eval()
+    arch = get_arch_spec(model)
+    for layer in arch.decoder_layers(model):
+        for norm, linears in arch.norm_linears.items():
+            assert isinstance(layer.get_submodule(norm), torch.nn.LayerNorm)
+            for linear in (*linears, arch.down_proj):
+                assert isinstance(layer.get_submodule(linear), torch.nn.Linear)
+    images = random_images(2, size=28)
+    with torch.no_grad():
+        before = model(pixel_values=images)[0]
+        runtime = SpikeFreeRuntime(model, arch, ratio=64.0)
+        runtime.start_collecting()
+        runtime.calibration_forward(random_images(2, size=28, seed=4))
+        runtime.finish_collecting()
+        assert not runtime.templates.has_spikes
+        after = model(pixel_values=images)[0]
+        runtime.remove()
+    torch.testing.assert_close(after, before)
