@@ -207,6 +207,7 @@ class LayerRuntime:
         elif not self.templates.norm_templates:
             carriers = torch.zeros_like(carriers)
         self.current = _Forward(valid=valid, kinds=kinds, carriers=carriers)
+        self._order_down_proj_hooks()
         self.runtime.note_spikes(carriers)
         set_excluded_rows(carriers)
         self._hook_norms()
@@ -285,13 +286,21 @@ class LayerRuntime:
         (gated, fused gate_up, fc1 -> fc2): the input hook zeroes spike rows before
         it, the output hook writes the output template into them."""
         down_proj = self.layer.get_submodule(self.arch.down_proj)
-        self._handles.append(
-            down_proj.register_forward_pre_hook(self._before_down_proj, prepend=True)
-        )
+        before = down_proj.register_forward_pre_hook(self._before_down_proj)
         after = down_proj.register_forward_hook(self._after_down_proj)
-        self._handles.append(after)
-        self._after_down_proj_id = after.id
+        self._handles += [before, after]
+        self._down_hook_ids = (before.id, after.id)
         self._down_rows: torch.Tensor | None = None
+
+    def _order_down_proj_hooks(self) -> None:
+        """Ours first among the input hooks and last among the output hooks, so
+        they act on the module's own input and output as a wrapper would: QuIP's
+        online rotations, registered later (its input hook prepended), act inside.
+        Re-done per forward, since stages add hooks after this runtime."""
+        down_proj = self.layer.get_submodule(self.arch.down_proj)
+        before, after = self._down_hook_ids
+        down_proj._forward_pre_hooks.move_to_end(before, last=False)
+        down_proj._forward_hooks.move_to_end(after)
 
     def _before_down_proj(self, module, args):
         self._down_rows = None
@@ -312,9 +321,6 @@ class LayerRuntime:
         if self.collecting:
             self._down_detected = (token_max, detected)
             return None
-        # The template goes in after every other output hook (QuIP's online output
-        # rotation is registered after this runtime): ours must run last.
-        module._forward_hooks.move_to_end(self._after_down_proj_id)
         set_excluded_rows(rows)
         return (hidden.masked_fill(rows.unsqueeze(-1), 0.0), *args[1:])
 
