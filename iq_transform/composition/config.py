@@ -22,6 +22,7 @@ from iq_transform.evaluation.data import (
     load_documents,
     load_text,
 )
+from iq_transform.evaluation.features import load_image_folder
 from iq_transform.models import load_model
 
 __all__ = [
@@ -83,8 +84,13 @@ class ModelConfig:
 @dataclass
 class TextConfig:
     """A text source (see :class:`iq_transform.evaluation.data.TextSource`) and its
-    windows.
+    windows, or a folder of images for a vision transformer (``images: true``).
 
+    :param images: ``path`` is a folder of images; samples are ``pixel_values``
+        made by the model's image processor (``num_samples`` images from the
+        ``offset``-th on, in name order)
+    :param offset: images skipped first (evaluation images after the calibration
+        ones)
     :param num_samples: how many windows
     :param seqlen: tokens per window
     :param seed: shuffles calibration documents; ``iq-quantize`` also seeds torch
@@ -99,16 +105,29 @@ class TextConfig:
     num_samples: int = 8
     seqlen: int = 512
     seed: int = 0
+    images: bool = False
+    offset: int = 0
 
     def calibration_windows(self, tokenizer) -> torch.Tensor:
-        """``num_samples`` windows starting at documents (calibration)."""
+        """``num_samples`` windows starting at documents (calibration); for
+        images, ``pixel_values`` of the folder's first ``num_samples`` images."""
+        if self.images:
+            return self.image_pixels(tokenizer)
         documents = load_documents(self.source())
         return calibration_windows(
             tokenizer, documents, self.num_samples, self.seqlen, seed=self.seed
         )
 
+    def image_pixels(self, processor) -> torch.Tensor:
+        """``pixel_values`` of ``num_samples`` images from the ``offset``-th on."""
+        pixels = load_image_folder(self.path, processor, self.offset + self.num_samples)
+        return pixels[self.offset :]
+
     def evaluation_windows(self, tokenizer) -> torch.Tensor:
-        """The first ``num_samples`` non-overlapping windows (evaluation)."""
+        """The first ``num_samples`` non-overlapping windows (evaluation); for
+        images, their ``pixel_values``."""
+        if self.images:
+            return self.image_pixels(tokenizer)
         return evaluation_windows(
             tokenizer, load_text(self.source()), self.seqlen, self.num_samples
         )

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import json
 import shutil
+import time
 import traceback
 from pathlib import Path
 
@@ -36,10 +37,12 @@ from iq_transform.composition.recipe import (
     check_group_size,
     compose_recipe,
 )
+from iq_transform.evaluation.features import feature_quality, image_features
 from iq_transform.evaluation.spike_ratios import linear_input_ratios
 from iq_transform.export.save import save_checkpoint
 from iq_transform.kernels import check_executor, execute
 from iq_transform.models.arch import get_arch_spec
+from iq_transform.spikefree import get_runtime
 
 __all__ = [
     "compose_from_config",
@@ -130,6 +133,8 @@ def run_quantize(config: QuantizeConfig, output_dir: Path) -> dict:
     if config.execute is not None:
         check_executor(config.execute)  # before the minutes of oneshot
     model, tokenizer = config.model.load()
+    if get_arch_spec(model).inputs == "pixel_values":
+        return run_quantize_images(config, output_dir, model, tokenizer, recipe_path)
     as_saved = _is_quantized(model)
     if as_saved:
         _check_evaluated_as_saved(config, recipe_path)
@@ -199,6 +204,65 @@ def run_quantize(config: QuantizeConfig, output_dir: Path) -> dict:
     print(
         f"{config.model.spec} | {info['recipe']} | WikiText-2 PPL{executed} "
         f"{result.ppl:.3f}{reference} ({result.num_windows}x{result.seqlen})"
+    )
+    return results
+
+
+def run_quantize_images(
+    config: QuantizeConfig, output_dir: Path, model, processor, recipe_path
+) -> dict:
+    """``iq-quantize`` for a vision encoder: oneshot on calibration images, then
+    the features of the evaluation images against the FP32 model's (cosine of CLS
+    and pooled features, nearest-neighbour agreement)."""
+    for group, data in (("data", config.data), ("eval", config.eval)):
+        if not data.images:
+            raise ValueError(
+                f"{config.model.spec} is a vision encoder: give it images, e.g. "
+                f"{group}=imagenet_sample (a folder of images, {group}.images=true)."
+            )
+    if _is_quantized(model):
+        raise ValueError(
+            "Evaluating a saved quantized vision encoder is not supported yet: "
+            "quantize the FP model (iq-quantize model.spec=<FP model>)."
+        )
+    calibration = config.data.calibration_windows(processor)
+    images = config.eval.evaluation_windows(processor)
+    reference = image_features(model, images)
+    recipe = recipe_path
+    if config.recipe is None:
+        recipe, _ = compose_from_config(config, model, processor, calibration)
+    oneshot_seconds = spikefree_seconds = None
+    if recipe is not None:
+        oneshot_seconds, spikefree_seconds = apply_recipe(
+            model,
+            processor,
+            recipe,
+            calibration,
+            pipeline=config.pipeline,
+            seed=config.data.seed,
+        )
+    start = time.perf_counter()
+    quality = feature_quality(image_features(model, images), reference)
+    runtime = get_runtime(model)
+    results = {
+        **run_info(config),
+        "status": "ok",
+        "recipe_path": str(recipe_path) if recipe_path else None,
+        "features": quality.to_dict(),
+        "oneshot_seconds": oneshot_seconds,
+        "spikefree_calibration_seconds": spikefree_seconds,
+        "spikefree_carrier_layers": (
+            None if runtime is None else runtime.templates.carrier_layers
+        ),
+        "eval_seconds": time.perf_counter() - start,
+    }
+    write_results(output_dir, results)
+    if recipe is not None:
+        (output_dir / "recipe.yaml").write_text(recipe_yaml(recipe))
+    print(
+        f"{config.model.spec} | {results['recipe']} | CLS cosine to FP32 "
+        f"{quality.cls_cosine:.5f}, pooled {quality.pooled_cosine:.5f}, "
+        f"NN agreement {quality.nn_agreement:.3f} ({quality.num_images} images)"
     )
     return results
 

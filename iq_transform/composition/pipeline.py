@@ -9,6 +9,7 @@ import torch
 from datasets import Dataset
 from loguru import logger
 from torch import nn
+from torch.utils.data import DataLoader
 from transformers import PreTrainedTokenizerBase
 
 import iq_transform.baselines  # noqa: F401  (registers PrefixQuantModifier)
@@ -82,7 +83,8 @@ def apply_recipe(
     pipeline: str = "independent",
     seed: int | None = 0,
 ) -> tuple[float, float | None]:
-    """Run llm-compressor's ``oneshot`` on ``calibration`` (samples, seqlen).
+    """Run llm-compressor's ``oneshot`` on ``calibration``: token ids (samples,
+    seqlen), or for a vision transformer ``pixel_values`` (samples, 3, h, w).
 
     :param seed: seeds torch before oneshot, which draws each pass's calibration
         order (order-dependent observers, GPTQ) and random rotations (QuIP) from
@@ -99,7 +101,13 @@ def apply_recipe(
             "(data.num_samples > 0 with a long enough text)."
         )
 
-    dataset = Dataset.from_dict({"input_ids": calibration.tolist()})
+    images = calibration.is_floating_point() and calibration.dim() == 4
+    if images:  # oneshot takes a DataLoader as it is (its datasets are text)
+        dataset = DataLoader(
+            [{"pixel_values": image} for image in calibration], batch_size=1
+        )
+    else:
+        dataset = Dataset.from_dict({"input_ids": calibration.tolist()})
     if seed is not None:
         torch.manual_seed(seed)
     start = time.perf_counter()
@@ -109,7 +117,7 @@ def apply_recipe(
         recipe=str(recipe) if isinstance(recipe, Path) else recipe,
         processor=tokenizer,
         num_calibration_samples=calibration.shape[0],
-        max_seq_length=calibration.shape[1],
+        max_seq_length=calibration.shape[-1] if images else calibration.shape[1],
         pipeline=pipeline,
     )
     seconds = time.perf_counter() - start

@@ -21,6 +21,7 @@ __all__ = [
     "DataError",
     "TextSource",
     "default_data_root",
+    "resolve_data_path",
     "load_text",
     "load_documents",
     "tokenizer_adds_bos",
@@ -78,7 +79,8 @@ def default_data_root() -> Path | None:
     return None
 
 
-def _resolve_path(path: str) -> Path:
+def resolve_data_path(path: str) -> Path:
+    """A data path, with ``shared/...`` looked up in the offline data folder."""
     if path.startswith(SHARED_PREFIX):
         root = default_data_root()
         if root is None:
@@ -92,7 +94,7 @@ def _resolve_path(path: str) -> Path:
 
 
 def _read_file(source: TextSource) -> str:
-    path = _resolve_path(source.path)
+    path = resolve_data_path(source.path)
     if not path.is_file():
         raise DataError(
             f"Text file not found: {path} (from {source.path!r}). Provide an "

@@ -6,6 +6,15 @@ max |x|. Spike tokens are found per sample with :func:`iq_transform.spikefree.de
 spike_token_mask`; a spike's life is the run of layers whose residual stream carries
 it, and the ``down_proj``-style inputs at the ends of that run are the sites that
 create and remove it.
+
+Two kinds of outliers are told apart, since they need different remedies:
+
+- **token spikes**: a few tokens whose max |x| dwarfs every other token's (the
+  per-token scale is what is off). SpikeFree removes them;
+- **channel outliers**: one channel large on (nearly) every token, as Gemma-3's
+  residual channel 163. Each token is still quantized on its own scale's share of
+  that channel, so this is per-channel smoothing's job (SmoothQuant) or a
+  rotation's (QuIP), not SpikeFree's.
 """
 
 from __future__ import annotations
@@ -22,9 +31,21 @@ from transformers import PreTrainedTokenizerBase
 from iq_transform.models.arch import ArchSpec, get_arch_spec
 from iq_transform.spikefree.detect import spike_token_mask, token_max_abs
 
-__all__ = ["TopActivation", "SiteReport", "SpikeToken", "SpikeReport", "analyze_spikes"]
+__all__ = [
+    "CHANNEL_RATIO",
+    "ChannelOutlier",
+    "TopActivation",
+    "SiteReport",
+    "SpikeToken",
+    "SpikeReport",
+    "analyze_spikes",
+]
 
 ANY_TOKEN = "<any>"
+# A channel is a channel outlier at a site when its median |x| over tokens exceeds
+# this many times the median over channels of that per-channel median.
+CHANNEL_RATIO = 20.0
+MAX_CHANNEL_LINES = 5
 REMOVAL_DROP = 0.5
 RESIDUAL = "residual"
 LINEAR_INPUT = "linear_input"
@@ -37,6 +58,29 @@ class TopActivation:
     token_index: int
     token: str
     channel: int
+
+
+@dataclass
+class ChannelOutlier:
+    """One channel that is large on most tokens at a site.
+
+    :param median_abs: median |x| of the channel over tokens (median over samples)
+    :param ratio: ``median_abs`` over the median channel's
+    """
+
+    channel: int
+    median_abs: float
+    ratio: float
+
+
+@dataclass
+class ChannelOutlierSummary:
+    """One outlier channel over all sites where it is one."""
+
+    channel: int
+    residual_layers: list[int]
+    linear_inputs: list[str]
+    max_ratio: float
 
 
 @dataclass
@@ -59,6 +103,7 @@ class SiteReport:
     token_max_median: float
     peak_token_ratio: float
     spike_tokens: list[tuple[int, int]] = field(default_factory=list)
+    channel_outliers: list[ChannelOutlier] = field(default_factory=list)
 
 
 @dataclass
@@ -105,6 +150,7 @@ class SpikeReport:
     creating_sites: list[str]
     removing_sites: list[str]
     constant_vectors: list[ConstantVector]
+    channel_outliers: list[ChannelOutlierSummary] = field(default_factory=list)
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -115,11 +161,16 @@ class SpikeReport:
         closest_line = "  highest token ratios: " + ", ".join(
             f"{s.name} {s.peak_token_ratio:,.0f}x" for s in closest
         )
+        channel_lines = self._channel_lines()
         if not self.has_spikes:
-            return (
-                f"{self.model}: no spike tokens at ratio {self.ratio:g} in "
-                f"{self.num_samples}x{self.seqlen} tokens (no massive activations).\n"
-                + closest_line
+            return "\n".join(
+                [
+                    f"{self.model}: no spike tokens at ratio {self.ratio:g} in "
+                    f"{self.num_samples}x{self.seqlen} tokens (no massive "
+                    "activations on tokens).",
+                    closest_line,
+                    *channel_lines,
+                ]
             )
         residual = [s for s in self.sites if s.kind == RESIDUAL]
         peak = max(residual, key=lambda s: s.top[0].value)
@@ -139,7 +190,46 @@ class SpikeReport:
                 f"{vector.layer} mean {vector.mean_cosine:.4f}, min "
                 f"{vector.min_cosine:.4f} ({vector.num_vectors} vectors)"
             )
-        return "\n".join(lines)
+        lines.append(
+            "  these are token spikes (a few tokens, all channels' scale): "
+            "SpikeFree handles them (transform=spikefree)"
+        )
+        return "\n".join([*lines, *channel_lines])
+
+    def _channel_lines(self) -> list[str]:
+        """The residual stream's outlier channels (linear inputs such as
+        ``down_proj``'s are heavy-tailed per channel by design; they stay in the
+        per-site lists of the JSON)."""
+        residual = [o for o in self.channel_outliers if o.residual_layers]
+        if not residual:
+            return [
+                "  no channel outliers in the residual stream (no channel's median "
+                f"|x| over tokens above {CHANNEL_RATIO:g}x the median channel's)"
+            ]
+        lines = [
+            "  channel outliers (one channel large on every token; not SpikeFree's "
+            "job: SmoothQuant or a rotation, stages=smoothquant_rtn or quip_rtn):"
+        ]
+        for outlier in residual[:MAX_CHANNEL_LINES]:
+            lines.append(
+                f"    channel {outlier.channel}: residual of layers "
+                f"{_ranges(outlier.residual_layers)}, up to {outlier.max_ratio:,.0f}x "
+                "the median channel"
+            )
+        if len(residual) > MAX_CHANNEL_LINES:
+            lines.append(f"    (+{len(residual) - MAX_CHANNEL_LINES} more channels)")
+        return lines
+
+
+def _ranges(values: list[int]) -> str:
+    """``[0, 1, 2, 5]`` -> ``0-2, 5``."""
+    runs: list[list[int]] = []
+    for value in values:
+        if runs and value == runs[-1][-1] + 1:
+            runs[-1].append(value)
+        else:
+            runs.append([value])
+    return ", ".join(f"{r[0]}-{r[-1]}" if len(r) > 1 else f"{r[0]}" for r in runs)
 
 
 class _SiteRecorder:
@@ -152,6 +242,7 @@ class _SiteRecorder:
         self.medians: list[float] = []
         self.token_max: list[torch.Tensor] = []
         self.token_channel: list[torch.Tensor] = []
+        self.channel_median: list[torch.Tensor] = []
         # Hidden vectors of this site's spike tokens, keyed (sample, token_index).
         self.spike_vectors: dict[tuple[int, int], torch.Tensor] = {}
 
@@ -169,6 +260,7 @@ class _SiteRecorder:
             self.top.append((value, sample, index // width, index % width))
         self.top = sorted(self.top, reverse=True)[: self.top_k]
         self.medians.append(magnitude.median().item())
+        self.channel_median.append(magnitude.median(dim=0).values.cpu())
         token_max, channel = token_max_abs(hidden)
         self.token_max.append(token_max)
         self.token_channel.append(channel)
@@ -219,6 +311,16 @@ def _token_text(tokenizer: PreTrainedTokenizerBase, token_id: int) -> str:
     return tokenizer.decode([token_id])
 
 
+def _image_token_name(config, token_index: int) -> str:
+    """A vision transformer's token by position: CLS, registers, then patches."""
+    registers = getattr(config, "num_register_tokens", 0) or 0
+    if token_index == 0:
+        return "<cls>"
+    if token_index <= registers:
+        return f"<register {token_index - 1}>"
+    return f"<patch {token_index - 1 - registers}>"
+
+
 def _spike_kind(token_index: int) -> str:
     return "first_token" if token_index == 0 else "mid_sequence"
 
@@ -235,6 +337,10 @@ def analyze_spikes(
 ) -> SpikeReport:
     """Run ``windows`` (samples, seqlen) through ``model`` and report its spikes.
 
+    For a vision transformer ``windows`` are ``pixel_values`` (samples, 3, h, w)
+    and ``tokenizer`` may be its image processor; tokens are named by position
+    (``<cls>``, ``<register i>``, ``<patch i>``).
+
     :param ratio: a token is a spike token at a site when its max |x| exceeds
         ``ratio`` x the median over the sample's tokens of that max
     :param top_k: how many of the largest |activations| to keep per site
@@ -245,17 +351,23 @@ def analyze_spikes(
         model, arch, top_k, ratio, lambda: current["sample"]
     )
     device = next(model.parameters()).device
+    dtype = next(model.parameters()).dtype
     try:
         for sample, window in enumerate(
             tqdm(windows, desc="spike analysis", disable=not progress, leave=False)
         ):
             current["sample"] = sample
-            model(input_ids=window.unsqueeze(0).to(device), use_cache=False)
+            if arch.inputs == "pixel_values":
+                model(pixel_values=window.unsqueeze(0).to(device, dtype))
+            else:
+                model(input_ids=window.unsqueeze(0).to(device), use_cache=False)
     finally:
         for handle in handles:
             handle.remove()
 
     def text(sample: int, token_index: int) -> str:
+        if arch.inputs == "pixel_values":
+            return _image_token_name(model.config, token_index)
         return _token_text(tokenizer, int(windows[sample, token_index]))
 
     sites = [_site_report(recorder, ratio, text) for recorder in recorders]
@@ -265,9 +377,10 @@ def analyze_spikes(
     creating, removing = _birth_and_death_sites(spike_tokens, sites, arch)
     constant_vectors = _constant_vectors(spike_tokens, residual, text)
     return SpikeReport(
+        channel_outliers=_summarize_channel_outliers(sites),
         model=model_name or getattr(model.config, "_name_or_path", ""),
         num_samples=windows.shape[0],
-        seqlen=windows.shape[1],
+        seqlen=len(recorders[0].token_max[0]),
         ratio=ratio,
         has_spikes=bool(spike_tokens),
         sites=sites,
@@ -300,6 +413,36 @@ def _site_report(recorder: _SiteRecorder, ratio: float, text) -> SiteReport:
             float(t.max() / t.median().clamp_min(1e-12)) for t in recorder.token_max
         ),
         spike_tokens=spikes,
+        channel_outliers=_channel_outliers(recorder.channel_median),
+    )
+
+
+def _channel_outliers(channel_median: list[torch.Tensor]) -> list[ChannelOutlier]:
+    profile = torch.stack(channel_median).median(dim=0).values
+    typical = profile.median().clamp_min(1e-12)
+    ratios = profile / typical
+    outliers = (ratios > CHANNEL_RATIO).nonzero().flatten().tolist()
+    return [
+        ChannelOutlier(channel, float(profile[channel]), float(ratios[channel]))
+        for channel in sorted(outliers, key=lambda c: -float(ratios[c]))
+    ]
+
+
+def _summarize_channel_outliers(sites: list[SiteReport]) -> list[ChannelOutlierSummary]:
+    by_channel: dict[int, ChannelOutlierSummary] = {}
+    for site in sites:
+        for outlier in site.channel_outliers:
+            summary = by_channel.setdefault(
+                outlier.channel, ChannelOutlierSummary(outlier.channel, [], [], 0.0)
+            )
+            if site.kind == RESIDUAL:
+                summary.residual_layers.append(site.layer)
+            else:
+                summary.linear_inputs.append(site.name)
+            summary.max_ratio = max(summary.max_ratio, outlier.ratio)
+    # the residual stream's channels first: they are the model's own outliers
+    return sorted(
+        by_channel.values(), key=lambda s: (-len(s.residual_layers), -s.max_ratio)
     )
 
 

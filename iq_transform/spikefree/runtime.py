@@ -23,7 +23,8 @@ a CUDA graph). On the CPU, where reading a mask waits for nothing, the spike row
 are selected by index instead (``HOST_INDEXED_DEVICES``), so the runtime touches
 only them.
 
-Plain torch hooks and an instance-level ``mlp.forward`` are used, not
+Plain torch hooks (on the layer, its norms and the MLP's output projection, so
+any MLP layout works: gated, fused ``gate_up_proj``, ``fc1 -> fc2``) are used, not
 ``HooksMixin`` hooks, because they must act in llm-compressor's propagation pass
 too. Observers learn which rows to drop from
 :func:`iq_transform.spikefree.rows.excluded_rows`.
@@ -31,7 +32,6 @@ too. Observers learn which rows to drop from
 
 from __future__ import annotations
 
-import types
 from dataclasses import dataclass
 
 import torch
@@ -97,6 +97,7 @@ def insert_templates(
     kinds: torch.Tensor,
     templates: torch.Tensor,
     scale: torch.Tensor | None = None,
+    shift: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Overwrite the spike rows of ``output`` with their kind's template.
 
@@ -111,8 +112,11 @@ def insert_templates(
     :param kinds: long (batch, tokens), each row's spike kind
     :param templates: (kinds, features), on ``output``'s device
     :param scale: optional (features,) factor, e.g. the norm's current weight
+    :param shift: optional (features,) term added after it, e.g. a LayerNorm's bias
     """
     values = templates if scale is None else templates * scale
+    if shift is not None:
+        values = values + shift
     values = values.to(device=output.device, dtype=output.dtype)
     if _indexed(output):
         index = rows.nonzero(as_tuple=True)
@@ -143,8 +147,18 @@ def _effective_norm_weight(norm: nn.Module, arch: ArchSpec) -> torch.Tensor:
     return norm.weight.float() + offset
 
 
-def _normalized(x: torch.Tensor, eps: float) -> torch.Tensor:
+def _norm_bias(norm: nn.Module) -> torch.Tensor | None:
+    """A LayerNorm's bias as the module is now (SmoothQuant divides it too)."""
+    bias = getattr(norm, "bias", None)
+    return None if bias is None else bias.float()
+
+
+def _normalized(x: torch.Tensor, eps: float, arch: ArchSpec) -> torch.Tensor:
+    """What the norm scales by its weight: ``x / rms(x)``, or for a LayerNorm
+    ``(x - mean) / std``."""
     x = x.float()
+    if arch.norm_kind == "layer":
+        x = x - x.mean(-1, keepdim=True)
     return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps)
 
 
@@ -179,7 +193,9 @@ class LayerRuntime:
         ]
         if runtime.exact_template_rows:
             self._hook_template_fed_linears()
-        self._patch_mlp()
+        self._down_rows: torch.Tensor | None = None
+        self._down_collected: tuple[torch.Tensor, ...] | None = None
+        self._hook_down_proj()
 
     # -- state -----------------------------------------------------------------
     @property
@@ -219,8 +235,6 @@ class LayerRuntime:
         for handle in [*self._handles, *self._norm_handles.values()]:
             handle.remove()
         self._norm_handles.clear()
-        if "forward" in self.mlp.__dict__:
-            del self.mlp.forward
 
     # -- hooks -----------------------------------------------------------------
     def _before_layer(self, module, args, kwargs):
@@ -263,6 +277,7 @@ class LayerRuntime:
         self.runtime.note_spikes(state.carriers)
         set_excluded_rows(state.carriers)
         self._hook_norms()
+        self._order_down_proj_hooks()
 
     def _after_layer(self, module, args, output):
         self.current = None
@@ -283,7 +298,7 @@ class LayerRuntime:
                 return None
             if self.collecting:
                 if bool(state.carriers.any()):
-                    normalized = _normalized(args[0], _norm_epsilon(module))
+                    normalized = _normalized(args[0], _norm_epsilon(module), self.arch)
                     self.statistics.add_rows(
                         self.statistics.norm_sums[name],
                         self.statistics.norm_counts[name],
@@ -300,6 +315,7 @@ class LayerRuntime:
                 state.kinds,
                 template,
                 scale=_effective_norm_weight(module, self.arch),
+                shift=_norm_bias(module),
             )
 
         return after_norm
@@ -333,26 +349,40 @@ class LayerRuntime:
 
         return after_linear
 
-    def _patch_mlp(self) -> None:
-        runtime_layer = self
-        mlp = self.mlp
+    def _hook_down_proj(self) -> None:
+        """Hooks on the MLP's output projection itself, so any MLP layout works:
+        the input hook zeroes the spike rows before it (no quantized linear sees a
+        spike), the output hook writes the output template into them."""
+        down_proj = self.layer.get_submodule(self.arch.down_proj)
+        before = down_proj.register_forward_pre_hook(self._before_down_proj)
+        after = down_proj.register_forward_hook(self._after_down_proj)
+        self._handles += [before, after]
+        self._down_proj, self._down_hook_ids = down_proj, (before.id, after.id)
 
-        def spikefree_mlp_forward(module, x):
-            hidden = module.act_fn(module.gate_proj(x)) * module.up_proj(x)
-            return runtime_layer._down_proj(module, hidden)
+    def _order_down_proj_hooks(self) -> None:
+        """Ours first among the input hooks and last among the output hooks, so they
+        act on the module's own input and output as a wrapper would: QuIP's online
+        rotation, registered later (and prepended), acts inside. Re-done per
+        forward, since stages add hooks after this runtime."""
+        before, after = self._down_hook_ids
+        self._down_proj._forward_pre_hooks.move_to_end(before, last=False)
+        self._down_proj._forward_hooks.move_to_end(after)
 
-        mlp.forward = types.MethodType(spikefree_mlp_forward, mlp)
-
-    def _down_proj(self, mlp: nn.Module, hidden: torch.Tensor) -> torch.Tensor:
-        state = self.current
-        down_proj = mlp.get_submodule(self.arch.down_proj.rsplit(".", 1)[1])
+    def _before_down_proj(self, module, args):
+        self._down_rows, self._down_collected = None, None
+        state, hidden = self.current, args[0]
         if state is None or hidden.is_meta:
-            return down_proj(hidden)
+            return None
         if self.collecting:
-            return self._collect_down(down_proj, hidden, state)
+            token_max = detect_token_max(hidden)
+            detected = spike_token_mask(token_max, self.runtime.ratio, state.valid)
+            rows = detected | state.carriers
+            self.runtime.note_spikes(rows)
+            self._down_collected = (token_max, detected, rows)
+            return None
         templates = self.resident_templates(hidden.device)
         if templates.down_template is None:
-            return down_proj(hidden)
+            return None
         detected = spike_token_mask(
             detect_token_max(hidden),
             self.runtime.ratio,
@@ -361,7 +391,23 @@ class LayerRuntime:
         )
         rows = detected | state.carriers
         self.runtime.note_spikes(rows)
-        output = down_proj(zero_rows(hidden, rows))
+        self._down_rows = rows
+        # the input is the MLP's fresh activation product in every known layout
+        return (zero_rows(hidden, rows), *args[1:])
+
+    def _after_down_proj(self, module, args, output):
+        state = self.current
+        if state is None:
+            return None
+        if self._down_collected is not None:
+            token_max, detected, rows = self._down_collected
+            self._down_collected = None
+            self._record_down(token_max, detected, rows, state, output)
+            return None
+        rows, self._down_rows = self._down_rows, None
+        if rows is None:
+            return None
+        templates = self.resident_templates(output.device)
         return insert_templates(output, rows, state.kinds, templates.down_template)
 
     # -- calibration statistics -------------------------------------------------
@@ -371,14 +417,7 @@ class LayerRuntime:
         stats.sequences += valid.shape[0]
         stats.sequences_with_carriers += int(carriers.any(dim=-1).sum())
 
-    def _collect_down(
-        self, down_proj: nn.Module, hidden: torch.Tensor, state: _Forward
-    ) -> torch.Tensor:
-        token_max = detect_token_max(hidden)
-        detected = spike_token_mask(token_max, self.runtime.ratio, state.valid)
-        rows = detected | state.carriers
-        self.runtime.note_spikes(rows)
-        output = down_proj(hidden)
+    def _record_down(self, token_max, detected, rows, state, output) -> None:
         stats = self.statistics
         stats.down_gap.update(token_max, state.valid & ~rows, detected)
         stats.sequences_with_down_spikes += int(detected.any(dim=-1).sum())
@@ -386,7 +425,6 @@ class LayerRuntime:
             stats.add_rows(
                 stats.down_sums, stats.down_counts, output[rows], state.kinds[rows]
             )
-        return output
 
 
 def _one_row_per_kind(carriers: torch.Tensor, kinds: torch.Tensor) -> torch.Tensor:
@@ -510,11 +548,17 @@ class SpikeFreeRuntime:
         self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None
     ) -> None:
         """One forward through the decoder only: templates need no logits, and the
-        ``lm_head`` is a large share of a small model's compute."""
+        ``lm_head`` is a large share of a small model's compute. For a vision
+        transformer (``arch.inputs``), ``input_ids`` holds ``pixel_values``."""
         decoder = self.model.get_submodule(self.arch.decoder)
         self.begin_forward(attention_mask)
         try:
-            decoder(input_ids=input_ids, attention_mask=attention_mask, use_cache=False)
+            if self.arch.inputs == "pixel_values":  # no mask, no cache
+                decoder(pixel_values=input_ids)
+            else:
+                decoder(
+                    input_ids=input_ids, attention_mask=attention_mask, use_cache=False
+                )
         finally:
             self.end_forward()
 
