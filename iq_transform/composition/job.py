@@ -6,8 +6,10 @@ The recipe is composed from the config groups ``quant``, ``transform`` and
 recipe and its groups, every parameter, perplexity, oneshot / SpikeFree /
 evaluation wall time, spike tokens detected during evaluation, the per-layer spike
 ratio of the quantized linears' inputs before and after oneshot, the baselines'
-prefix / unquantized linears, ``status``) and the recipe as ``recipe.yaml`` into the
-run directory; :func:`write_failure` writes the ``results.json`` of a failed run.
+prefix / unquantized linears, ``status``; with ``eval=csr`` also lm-eval zero-shot
+accuracy and the greedy-generation check against the model before oneshot) and the
+recipe as ``recipe.yaml`` into the run directory; :func:`write_failure` writes the
+``results.json`` of a failed run.
 The Hydra app around it is :mod:`iq_transform.cli.quantize`.
 """
 
@@ -128,6 +130,8 @@ def run_quantize(config: QuantizeConfig, output_dir: Path) -> dict:
     """
     composed = config.recipe is None
     recipe_path = None if composed else resolve_recipe(config.recipe)
+    if config.eval.tasks:  # a task that cannot be found stops before any work
+        check_tasks(config.eval.tasks, config.eval.offline, config.eval.include_path)
     model, tokenizer = config.model.load()
     as_saved = _is_quantized(model)
     if as_saved:
@@ -139,8 +143,6 @@ def run_quantize(config: QuantizeConfig, output_dir: Path) -> dict:
     if composed:
         recipe, plan = compose_from_config(config, model, tokenizer, calibration)
     windows = config.eval.evaluation_windows(tokenizer)
-    if config.eval.tasks:  # a task that cannot be found stops before oneshot
-        check_tasks(config.eval.tasks, config.eval.offline, config.eval.include_path)
     oneshot_seconds = spikefree_seconds = ratios_before = ratios_after = None
     reference_tokens = None
     if recipe is not None:
