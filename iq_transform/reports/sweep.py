@@ -28,7 +28,13 @@ __all__ = [
 
 # Quant fields that must match between a run and its dynamic reference.
 # RunRow fields kept out of results.csv (tuples and per-layer lists).
-_NOT_IN_CSV = ("format_key", "spike_ratio_before", "spike_ratio_after")
+_NOT_IN_CSV = (
+    "format_key",
+    "spike_ratio_before",
+    "spike_ratio_after",
+    "tasks",
+    "correct",
+)
 _FORMAT_KEYS = (
     "weight_bits",
     "weight_type",
@@ -56,6 +62,11 @@ class RunRow:
     :param spike_ratio_before: per decoder layer, the peak token ratio of the
         linears' inputs in the FP model
     :param spike_ratio_after: the same for the quantized linears after oneshot
+    :param accuracy: lm-eval zero-shot accuracy, mean over ``tasks``
+    :param accuracy_stderr: its standard error, sqrt(sum of the tasks' se^2) / n
+    :param tasks: per lm-eval task, ``{"acc": ..., "acc_stderr": ...}``
+    :param correct: per task, each document's 0/1 score (paired comparisons)
+    :param greedy_agreement: share of greedy tokens equal to the FP model's
     """
 
     model: str
@@ -75,6 +86,11 @@ class RunRow:
     format_key: tuple | None = None
     spike_ratio_before: list[float] | None = None
     spike_ratio_after: list[float] | None = None
+    accuracy: float | None = None
+    accuracy_stderr: float | None = None
+    tasks: dict[str, dict] | None = None
+    correct: dict[str, list[int]] | None = None
+    greedy_agreement: float | None = None
 
     @property
     def label(self) -> str:
@@ -123,7 +139,7 @@ def add_reference_ratios(runs: list[RunRow]) -> None:
             references[key] = run
     for run in runs:
         reference = references.get((run.model, run.stages, run.format_key))
-        if run.status == "ok" and reference is not None and reference.ppl:
+        if run.status == "ok" and reference is not None and reference.ppl and run.ppl:
             run.ratio = run.ppl / reference.ppl
             run.reference = reference.label
 
@@ -275,7 +291,8 @@ def write_report(
     root: Path, output_dir: Path | None = None
 ) -> tuple[list[RunRow], str]:
     """Collect the runs below ``root`` and write ``results.csv``, ``results.md``,
-    ``ppl.png`` and (when runs measured it) ``spike_ratio.png``.
+    ``ppl.png`` and (when runs measured them) ``spike_ratio.png`` and the
+    zero-shot accuracy table (in ``results.md``) and ``accuracy.png``.
 
     :param root: a multirun folder
     :param output_dir: where the three files go (default: ``root``)
@@ -283,14 +300,20 @@ def write_report(
     """
     output_dir = Path(output_dir or root)
     output_dir.mkdir(parents=True, exist_ok=True)
+    from iq_transform.reports.zero_shot import accuracy_markdown, plot_accuracy
+
     runs = collect_runs(Path(root))
     text = markdown_report(runs)
+    if accuracy := accuracy_markdown(runs):
+        text += "\n" + accuracy
     write_csv(runs, output_dir / "results.csv")
     (output_dir / "results.md").write_text(f"# Results: {root}\n\n{text}")
     plot_ppl(runs, output_dir / "ppl.png")
     written = "results.csv, results.md, ppl.png"
     if plot_spike_ratios(runs, output_dir / "spike_ratio.png"):
         written += ", spike_ratio.png"
+    if plot_accuracy(runs, output_dir / "accuracy.png"):
+        written += ", accuracy.png"
     logger.info(f"wrote {written} to {output_dir}")
     return runs, text
 
@@ -319,7 +342,20 @@ def _row(results: dict, path: Path) -> RunRow:
         format_key=tuple(quant.get(k) for k in _FORMAT_KEYS) if composed else None,
         spike_ratio_before=results.get("spike_ratio_before"),
         spike_ratio_after=results.get("spike_ratio_after"),
+        **_zero_shot_fields(results),
     )
+
+
+def _zero_shot_fields(results: dict) -> dict:
+    zero_shot = results.get("zero_shot") or {}
+    generation = results.get("generation") or {}
+    return {
+        "accuracy": zero_shot.get("average"),
+        "accuracy_stderr": zero_shot.get("average_stderr"),
+        "tasks": zero_shot.get("tasks"),
+        "correct": zero_shot.get("correct"),
+        "greedy_agreement": generation.get("agreement"),
+    }
 
 
 def _cell(run: RunRow | None) -> str:
