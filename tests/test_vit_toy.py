@@ -174,9 +174,14 @@ def test_iq_quantize_and_iq_analyze_take_a_vit_and_image_data(tmp_path):
         "transform.ratio=64",
         "quant.observer=minmax",
         "progress=false",
+        f"save_dir={tmp_path / 'saved'}",
     )
     results = run_quantize(config, tmp_path / "quantize")
     assert results["spikefree_carrier_layers"] == [2, 3, 4]
+    from iq_transform import load_pretrained
+
+    saved = load_pretrained(tmp_path / "saved")
+    assert get_runtime(saved).templates.carrier_layers == [2, 3, 4]
     features = results["features"]
     assert features["num_images"] == 8 and features["cls_cosine"] > 0.99
     assert (tmp_path / "quantize" / "recipe.yaml").is_file()
@@ -222,3 +227,36 @@ def test_other_vision_layouts_resolve_and_pass_through(name):
         after = model(pixel_values=images)[0]
         runtime.remove()
     torch.testing.assert_close(after, before)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_saved_vit_reloads_with_its_runtime_and_the_same_features(family, tmp_path):
+    """A quantized SpikeFree ViT saved with save_pretrained loads back through
+    load_pretrained and its Auto class (AutoModel for a backbone) as a
+    ``<family>_spikefree`` model with the runtime: the same features, exactly."""
+    import json
+
+    from transformers import AutoModel
+
+    from iq_transform import load_pretrained
+    from iq_transform.export.save import save_checkpoint
+
+    model, _ = build_planted_spike_vit(family)
+    recipe = [
+        SpikeFreeModifier(),
+        w8a8_quantizer("int", dynamic=False, observer="spikefree_minmax"),
+    ]
+    apply_recipe(model, toy_image_processor(), recipe, random_images(4, seed=2))
+    images = random_images(3, seed=5)
+    before = image_features(model, images)
+    folder = tmp_path / "checkpoint"
+    save_checkpoint(model, toy_image_processor(), folder)
+    config = json.loads((folder / "config.json").read_text())
+    assert config["model_type"] == f"{family}_spikefree"
+    assert set(config["auto_map"]) == {"AutoConfig", "AutoModel"}
+    for loaded in (load_pretrained(folder), AutoModel.from_pretrained(folder)):
+        assert isinstance(loaded, type(model))
+        assert get_runtime(loaded).templates.carrier_layers == [2, 3, 4]
+        after = image_features(loaded.eval(), images)
+        torch.testing.assert_close(after.cls, before.cls, rtol=0, atol=1e-6)
+        torch.testing.assert_close(after.pooled, before.pooled, rtol=0, atol=1e-6)

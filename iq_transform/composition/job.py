@@ -276,18 +276,22 @@ def run_quantize_images(
         )
     start = time.perf_counter()
     quality = feature_quality(image_features(model, images), reference)
+    eval_seconds = time.perf_counter() - start
+    if config.save_dir is not None:
+        save_checkpoint(model, processor, Path(config.save_dir).expanduser())
     runtime = get_runtime(model)
     results = {
         **run_info(config),
         "status": "ok",
         "recipe_path": str(recipe_path) if recipe_path else None,
+        "save_dir": config.save_dir,
         "features": quality.to_dict(),
         "oneshot_seconds": oneshot_seconds,
         "spikefree_calibration_seconds": spikefree_seconds,
         "spikefree_carrier_layers": (
             None if runtime is None else runtime.templates.carrier_layers
         ),
-        "eval_seconds": time.perf_counter() - start,
+        "eval_seconds": eval_seconds,
     }
     write_results(output_dir, results)
     if recipe is not None:

@@ -6,8 +6,9 @@ from pathlib import Path
 
 from loguru import logger
 from torch import nn
-from transformers import AutoModelForCausalLM, PreTrainedModel
+from transformers import PretrainedConfig, PreTrainedModel
 
+from iq_transform.export.classes import HUB_KWARGS, auto_class_for
 from iq_transform.export.format import (
     STATE_FILE,
     TENSORS_FILE,
@@ -25,12 +26,15 @@ def load_pretrained(source: str | Path, **kwargs) -> PreTrainedModel:
     SpikeFree runtime installed when it was saved with one.
 
     The same as ``AutoModelForCausalLM.from_pretrained(source, **kwargs)`` after
-    ``import iq_transform``.
+    ``import iq_transform`` (for a vision encoder: ``AutoModel``, or
+    ``AutoModelForImageClassification``, as it was saved).
 
     :param source: what ``save_pretrained`` wrote, or its hub id
     :param kwargs: ``from_pretrained`` arguments (``dtype``, ``device_map`` ...)
     """
-    model = AutoModelForCausalLM.from_pretrained(str(source), **kwargs)
+    hub = {key: kwargs[key] for key in HUB_KWARGS if key in kwargs}
+    config_dict, _ = PretrainedConfig.get_config_dict(str(source), **hub)
+    model = auto_class_for(config_dict).from_pretrained(str(source), **kwargs)
     if get_runtime(model) is None:
         logger.info(f"{source} has no SpikeFree runtime: loaded as saved")
     return model.eval()

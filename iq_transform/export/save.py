@@ -24,6 +24,7 @@ from torch import nn
 
 from iq_transform.export.classes import (
     REMOTE_CODE_FILE,
+    auto_class_of,
     auto_map,
     remote_code,
     spikefree_classes,
@@ -114,14 +115,15 @@ def write_spikefree_files(folder: Path, model: nn.Module) -> None:
     """
     write_state(folder, model, SpikeFreeState.of(get_runtime(model)))
     base = base_model_type(model.config)
-    config_class, model_class = spikefree_classes(base)
+    auto_class = auto_class_of(model, base)
+    config_class, model_class = spikefree_classes(base, auto_class)
     config_file = folder / "config.json"
     config = json.loads(config_file.read_text())
     config["model_type"] = base + SPIKEFREE_SUFFIX
     config["architectures"] = [model_class.__name__]
-    config["auto_map"] = auto_map()
+    config["auto_map"] = auto_map(auto_class)
     config_file.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
-    (folder / REMOTE_CODE_FILE).write_text(remote_code(base))
+    (folder / REMOTE_CODE_FILE).write_text(remote_code(base, auto_class))
 
 
 def publish_folder(staging: Path, target: Path) -> None:
