@@ -4,6 +4,7 @@ templates one process computes on all their batches together."""
 import datetime
 from pathlib import Path
 
+import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
@@ -43,6 +44,27 @@ def calibration_halves() -> list[list[dict]]:
     ]
 
 
+def uneven_shares() -> list[list[dict]]:
+    """Five windows on rank 0 (three with BOS), two on rank 1 (one with the
+    delimiter): torchrun's shards need not be equal."""
+    first, second = calibration_halves()
+    return [first[:3] + second[:2], [first[3], second[3]]]
+
+
+def shares_with_a_spike_free_rank() -> list[list[dict]]:
+    """Every spike on rank 0; rank 1's windows have neither BOS nor delimiter, so
+    its statistics hold no spike token at all."""
+    first, second = calibration_halves()
+    return [first + second[3:], second[:3]]
+
+
+SHARES = {
+    "halves": calibration_halves,
+    "uneven": uneven_shares,
+    "spike_free_rank": shares_with_a_spike_free_rank,
+}
+
+
 def calibrate(batches: list[dict]) -> dict[str, torch.Tensor]:
     """What ``SpikeFreeModifier.on_calibration_start`` runs, on the planted model."""
     model, _, _ = build_planted_spike_model()
@@ -53,7 +75,7 @@ def calibrate(batches: list[dict]) -> dict[str, torch.Tensor]:
     return runtime.templates.state_dict()
 
 
-def run_rank(rank: int, init_method: str, out_dir: str) -> None:
+def run_rank(rank: int, init_method: str, out_dir: str, shares: str) -> None:
     torch.set_num_threads(1)
     dist.init_process_group(
         "gloo",
@@ -63,7 +85,7 @@ def run_rank(rank: int, init_method: str, out_dir: str) -> None:
         timeout=datetime.timedelta(seconds=60),
     )
     try:
-        state = calibrate(calibration_halves()[rank])
+        state = calibrate(SHARES[shares]()[rank])
     finally:
         dist.destroy_process_group()
     torch.save(state, Path(out_dir) / f"rank{rank}.pt")
@@ -73,15 +95,44 @@ def norm_sites(state: dict[str, torch.Tensor]) -> list[str]:
     return sorted(key for key in state if ".norm_templates." in key)
 
 
-def test_ranks_install_the_templates_of_one_process_on_all_batches(tmp_path):
+def spawn_ranks(tmp_path: Path, shares: str) -> list[dict[str, torch.Tensor]]:
     torch.set_num_threads(1)
     mp.spawn(
         run_rank,
-        args=(f"file://{tmp_path / 'rendezvous'}", str(tmp_path)),
+        args=(f"file://{tmp_path / 'rendezvous'}", str(tmp_path), shares),
         nprocs=WORLD_SIZE,
         join=True,
     )
-    ranks = [torch.load(tmp_path / f"rank{rank}.pt") for rank in range(WORLD_SIZE)]
+    return [torch.load(tmp_path / f"rank{rank}.pt") for rank in range(WORLD_SIZE)]
+
+
+def assert_ranks_equal_one_process(ranks, together) -> None:
+    assert ranks[0].keys() == ranks[1].keys()
+    for key in ranks[0]:
+        assert torch.equal(ranks[0][key], ranks[1][key]), key
+    assert ranks[0].keys() == together.keys()
+    for key, value in together.items():
+        torch.testing.assert_close(ranks[0][key], value, rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize("shares", ["uneven", "spike_free_rank"])
+def test_uneven_shards_and_a_rank_without_spikes_reduce_to_one_process(
+    tmp_path, shares
+):
+    """Ranks with different numbers of windows, or one that never sees a spike
+    token (its spike statistics are empty: sums zero, the smallest spike max +inf),
+    still install one process's templates on the union of the shards."""
+    ranks = spawn_ranks(tmp_path, shares)
+    first, second = SHARES[shares]()
+    together = calibrate(first + second)
+    assert_ranks_equal_one_process(ranks, together)
+    assert len(norm_sites(together)) == 6
+    if shares == "spike_free_rank":
+        assert norm_sites(calibrate(second)) == []  # alone it would install none
+
+
+def test_ranks_install_the_templates_of_one_process_on_all_batches(tmp_path):
+    ranks = spawn_ranks(tmp_path, "halves")
     halves = calibration_halves()
     together = calibrate(halves[0] + halves[1])
     alone = [calibrate(half) for half in halves]  # a rank's templates unreduced
