@@ -88,6 +88,16 @@ def on_runtime_installed(callback) -> None:
 HOST_INDEXED_DEVICES = {"cpu"}
 
 
+def _indexed_device(device: torch.device | str) -> torch.device:
+    """``device`` with its index: ``cuda`` is the current CUDA device."""
+    device = torch.device(device)
+    if device.index is None and device.type not in ("cpu", "meta"):
+        module = getattr(torch, device.type, None)
+        if module is not None and hasattr(module, "current_device"):
+            return torch.device(device.type, module.current_device())
+    return device
+
+
 def _indexed(tensor: torch.Tensor) -> bool:
     return tensor.device.type in HOST_INDEXED_DEVICES
 
@@ -296,8 +306,13 @@ class LayerRuntime:
 
     def resident_templates(self, device: torch.device) -> LayerTemplates:
         """The templates on ``device``, copied there once (not at every insertion)."""
-        if self._resident is None or self._resident.device != device:
-            self._resident = self._templates.to(device)
+        resident = self._resident
+        if resident is not None and (
+            resident.device == device
+            or _indexed_device(resident.device) == _indexed_device(device)
+        ):
+            return resident
+        self._resident = self._templates.to(device)
         return self._resident
 
     @property
