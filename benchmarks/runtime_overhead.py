@@ -117,10 +117,25 @@ def profile(run, label: str) -> None:
     print(averages.table(sort_by="cpu_time_total", row_limit=12)[:4000], flush=True)
 
 
-def sync_check(run) -> str:
-    """``"none"`` when ``run()`` passes under ``set_sync_debug_mode("error")``."""
+def sync_check(run, layers=None) -> str:
+    """``"none"`` when ``run()`` passes under ``set_sync_debug_mode("error")``;
+    with ``layers`` (the runtime's), only inside the decoder layers, where the
+    runtime acts (transformers' own mask code may wait outside them)."""
+    handles = []
+    if layers is not None:
+        for layer in layers:
+            module = layer.layer
+            handles += [
+                module.register_forward_pre_hook(
+                    lambda *_: torch.cuda.set_sync_debug_mode("error"), prepend=True
+                ),
+                module.register_forward_hook(
+                    lambda *_: torch.cuda.set_sync_debug_mode(0)
+                ),
+            ]
     torch.cuda.synchronize()
-    torch.cuda.set_sync_debug_mode("error")
+    if layers is None:
+        torch.cuda.set_sync_debug_mode("error")
     try:
         run()
         return "none"
@@ -128,6 +143,8 @@ def sync_check(run) -> str:
         return f"synchronizes: {str(error).splitlines()[0][:160]}"
     finally:
         torch.cuda.set_sync_debug_mode(0)
+        for handle in handles:
+            handle.remove()
 
 
 def graph_decode(model, layers, templates, prompt, cached: int, repeats: int):
@@ -333,10 +350,16 @@ def main() -> None:
         if args.sync_check and device.type == "cuda":
             size, tokens = shapes[0]
             ids = inputs[:size, :tokens]
-            checks["sync_debug_prefill"] = sync_check(
-                lambda: model(input_ids=ids, use_cache=False)
-            )
+            prefill_run = lambda: model(input_ids=ids, use_cache=False)  # noqa: E731
+            checks["sync_debug_prefill"] = sync_check(prefill_run)
             checks["sync_debug_decode"] = sync_check(decode)
+            for installed in (False, True):
+                install(layers, templates, installed)
+                key = "installed" if installed else "removed"
+                checks[f"sync_debug_prefill_layers_{key}"] = sync_check(
+                    prefill_run, layers
+                )
+                checks[f"sync_debug_decode_layers_{key}"] = sync_check(decode, layers)
             print(json.dumps(checks), flush=True)
     if args.graph and device.type == "cuda":
         try:
