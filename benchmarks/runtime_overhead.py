@@ -356,6 +356,10 @@ def main() -> None:
             for installed in (False, True):
                 install(layers, templates, installed)
                 key = "installed" if installed else "removed"
+                # the first forward after installation copies the templates to
+                # the device (once; that copy waits): checked after it
+                prefill_run()
+                decode()
                 checks[f"sync_debug_prefill_layers_{key}"] = sync_check(
                     prefill_run, layers
                 )
