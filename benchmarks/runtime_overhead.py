@@ -4,10 +4,21 @@ The same model is timed with its runtime's templates installed and removed, side
 by side (interleaved runs, medians): prefill at each ``--shapes`` entry and a
 decode step with ``--cached`` tokens in the KV cache. Each row also gives the
 host-synchronizing operations of one forward
-(:func:`iq_transform.evaluation.host_syncs.count_host_syncs`).
+(:func:`iq_transform.evaluation.host_syncs.count_host_syncs`) and, on CUDA, the
+kernels it launches (``torch.profiler``).
+
+``--model llama3-8b-planted`` is a random Llama at Llama-3-8B widths (``--layers``
+decoder layers, 4096/14336, 32/8 heads, vocab 128256, bf16) with the two spike
+kinds of :mod:`benchmarks.oneshot_scale` planted (first token and a delimiter every
+211 tokens), calibrated by SpikeFree alone on random-token windows; its inputs are
+such windows, plus a row with no spike token at all. On CUDA, ``--sync-check`` runs
+a prefill and a decode step under ``torch.cuda.set_sync_debug_mode("error")`` and
+``--graph`` captures a decode step (static KV cache) in a CUDA graph with the
+runtime installed and removed, and times its replays against eager steps.
 
     python benchmarks/runtime_overhead.py --model smollm2-135m
-    python benchmarks/runtime_overhead.py --device cuda --dtype bfloat16
+    python benchmarks/runtime_overhead.py --model llama3-8b-planted --device cuda \
+        --dtype bfloat16 --shapes 1x2048 8x2048 --sync-check --graph
 """
 
 from __future__ import annotations
@@ -15,6 +26,7 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
+import sys
 import time
 from pathlib import Path
 
@@ -40,37 +52,226 @@ def timed(run, device: torch.device) -> float:
     return time.perf_counter() - start
 
 
+def install(layers, templates, installed: bool) -> None:
+    """The runtime's templates installed, or removed (the runtime then does
+    nothing: every hook returns at once)."""
+    for layer, layer_templates in zip(layers, templates, strict=True):
+        layer.templates = layer_templates if installed else None
+
+
+def cuda_kernels(run) -> int:
+    """CUDA kernels (and memsets/copies) one call of ``run`` launches."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        run()
+        torch.cuda.synchronize()
+    cuda = torch.autograd.DeviceType.CUDA
+    return sum(1 for event in prof.events() if event.device_type == cuda)
+
+
 def side_by_side(run, layers, templates, device, repeats: int) -> dict:
     """Median seconds with the runtime's templates removed and installed."""
-
-    def install(installed: bool) -> None:
-        for layer, layer_templates in zip(layers, templates, strict=True):
-            layer.templates = layer_templates if installed else None
-
     runs = {False: [], True: []}
-    syncs = {}
+    syncs, kernels = {}, {}
     for installed in (False, True):  # warm-up, and the sync count
-        install(installed)
+        install(layers, templates, installed)
         run()
         syncs[installed] = sum(count_host_syncs(run).values())
+        if device.type == "cuda":
+            kernels[installed] = cuda_kernels(run)
     for _ in range(repeats):
         for installed in (False, True):
-            install(installed)
+            install(layers, templates, installed)
             runs[installed].append(timed(run, device))
-    install(True)
+    install(layers, templates, True)
     without, with_runtime = (statistics.median(runs[k]) for k in (False, True))
-    return {
+    row = {
         "without_s": without,
         "with_s": with_runtime,
         "ratio": with_runtime / without,
         "host_syncs_without": syncs[False],
         "host_syncs_with": syncs[True],
+        "runs_without_s": runs[False],
+        "runs_with_s": runs[True],
     }
+    if kernels:
+        row["kernels_without"], row["kernels_with"] = kernels[False], kernels[True]
+    return row
+
+
+def profile(run, label: str) -> None:
+    """Print the top ops of one call of ``run`` (runtime installed)."""
+    from torch.profiler import ProfilerActivity
+    from torch.profiler import profile as torch_profile
+
+    run()
+    torch.cuda.synchronize()
+    activities = [ProfilerActivity.CPU, ProfilerActivity.CUDA]
+    with torch_profile(activities=activities) as prof:
+        run()
+        torch.cuda.synchronize()
+    averages = prof.key_averages()
+    print(f"== profile {label}, runtime installed")
+    print(averages.table(sort_by="self_cuda_time_total", row_limit=15)[:5000])
+    print(averages.table(sort_by="cpu_time_total", row_limit=12)[:4000], flush=True)
+
+
+def sync_check(run, layers=None) -> str:
+    """``"none"`` when ``run()`` passes under ``set_sync_debug_mode("error")``;
+    with ``layers`` (the runtime's), only inside the decoder layers, where the
+    runtime acts (transformers' own mask code may wait outside them)."""
+    handles = []
+    if layers is not None:
+        for layer in layers:
+            module = layer.layer
+            handles += [
+                module.register_forward_pre_hook(
+                    lambda *_: torch.cuda.set_sync_debug_mode("error"), prepend=True
+                ),
+                module.register_forward_hook(
+                    lambda *_: torch.cuda.set_sync_debug_mode(0)
+                ),
+            ]
+    torch.cuda.synchronize()
+    if layers is None:
+        torch.cuda.set_sync_debug_mode("error")
+    try:
+        run()
+        return "none"
+    except RuntimeError as error:
+        return f"synchronizes: {str(error).splitlines()[0][:160]}"
+    finally:
+        torch.cuda.set_sync_debug_mode(0)
+        for handle in handles:
+            handle.remove()
+
+
+def graph_decode(model, layers, templates, prompt, cached: int, repeats: int):
+    """A decode step on a static KV cache (``cached`` tokens in it), captured in a
+    CUDA graph with the runtime installed and removed: whether it captures, replay
+    ms against eager ms, and the logits of replay against eager."""
+    from transformers import StaticCache
+
+    cache = StaticCache(config=model.config, max_cache_len=cached + 1)
+    with torch.no_grad():
+        model(input_ids=prompt[:, :cached], past_key_values=cache, use_cache=True)
+    step = prompt[:, cached : cached + 1].clone()
+    positions = torch.full((1, 1), cached, device=prompt.device)
+    lengths = [layer.cumulative_length for layer in cache.layers]
+
+    def decode():
+        for length in lengths:  # the step overwrites position ``cached`` each time
+            length.fill_(cached)
+        out = model(
+            input_ids=step,
+            past_key_values=cache,
+            position_ids=positions,
+            use_cache=True,
+        )
+        return out.logits
+
+    def eager_ms() -> float:
+        times = []
+        for _ in range(repeats):
+            synchronize(prompt.device)
+            start = time.perf_counter()
+            decode()
+            synchronize(prompt.device)
+            times.append((time.perf_counter() - start) * 1e3)
+        return statistics.median(times)
+
+    out = {}
+    with torch.no_grad():
+        for installed in (False, True):
+            install(layers, templates, installed)
+            key = "installed" if installed else "removed"
+            for _ in range(3):
+                eager = decode().clone()
+            row = {"eager_ms": eager_ms()}
+            graph = torch.cuda.CUDAGraph()
+            try:
+                stream = torch.cuda.Stream()
+                stream.wait_stream(torch.cuda.current_stream())
+                with torch.cuda.stream(stream):
+                    for _ in range(2):
+                        decode()
+                torch.cuda.current_stream().wait_stream(stream)
+                with torch.cuda.graph(graph):
+                    logits = decode()
+            except Exception as error:  # noqa: BLE001 - reported, not raised
+                row["captured"] = False
+                row["error"] = f"{type(error).__name__}: {str(error)[:200]}"
+                torch.cuda.synchronize()
+                out[key] = row
+                continue
+            graph.replay()
+            torch.cuda.synchronize()
+            row["captured"] = True
+            row["replay_vs_eager_max_abs"] = (logits - eager).abs().max().item()
+            times = []
+            for _ in range(repeats):
+                start, end = torch.cuda.Event(True), torch.cuda.Event(True)
+                start.record()
+                graph.replay()
+                end.record()
+                end.synchronize()
+                times.append(start.elapsed_time(end))
+            row["replay_ms"] = statistics.median(times)
+            out[key] = row
+            del graph
+    install(layers, templates, True)
+    removed, installed = out["removed"], out["installed"]
+    out["eager_ratio"] = installed["eager_ms"] / removed["eager_ms"]
+    if removed.get("captured") and installed.get("captured"):
+        out["replay_ratio"] = installed["replay_ms"] / removed["replay_ms"]
+    return out
+
+
+def planted_8b(args, device):
+    """The planted Llama at 8B widths, SpikeFree-calibrated, and its inputs."""
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    import oneshot_scale
+
+    from iq_transform.models.toy import build_char_tokenizer
+
+    oneshot_scale.DEVICE = device.type
+    hidden, intermediate, vocab = args.widths
+    model = oneshot_scale.build(args.layers, (hidden, intermediate, vocab))
+    tokenizer = build_char_tokenizer()
+    calibration = oneshot_scale.windows(4, 512, vocab)
+    apply_recipe(model, tokenizer, [SpikeFreeModifier()], calibration)
+
+    def inputs(batch: int, tokens: int) -> torch.Tensor:
+        return oneshot_scale.windows(batch, tokens, vocab)
+
+    def no_spikes(ids: torch.Tensor) -> torch.Tensor:
+        plain = ids.clone()
+        spiking = (plain == oneshot_scale.BOS) | (plain == oneshot_scale.DELIMITER)
+        plain[spiking] = 10  # an ordinary token
+        return plain
+
+    return model, inputs, no_spikes
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--model", default="smollm2-135m")
+    parser.add_argument(
+        "--model", default="smollm2-135m", help="a model name, or llama3-8b-planted"
+    )
+    parser.add_argument("--layers", type=int, default=4, help="llama3-8b-planted")
+    parser.add_argument(
+        "--widths",
+        type=int,
+        nargs=3,
+        default=(4096, 14336, 128256),
+        help="llama3-8b-planted: hidden, intermediate, vocab",
+    )
+    parser.add_argument("--sync-check", action="store_true")
+    parser.add_argument("--graph", action="store_true")
+    parser.add_argument(
+        "--profile", action="store_true", help="CUDA: top ops, first shape and decode"
+    )
     parser.add_argument(
         "--shapes", nargs="+", default=["1x512", "8x512", "1x2048"], help="BxT"
     )
@@ -81,20 +282,27 @@ def main() -> None:
     parser.add_argument("--output", type=Path, default=None)
     args = parser.parse_args()
     device = torch.device(args.device)
-    model, tokenizer = load_model(args.model)
-    documents = load_documents(TextSource(path="shared/brown/brown.txt"))
-    calibration = calibration_windows(tokenizer, documents, 4, 512)
-    apply_recipe(model, tokenizer, [SpikeFreeModifier()], calibration)
-    model.to(device=device, dtype=getattr(torch, args.dtype))
-    runtime = get_runtime(model)
-    layers = runtime.layers
-    templates = [layer.templates for layer in layers]
     shapes = [tuple(int(n) for n in shape.split("x")) for shape in args.shapes]
     longest = max([t for _, t in shapes] + [args.cached + 1])
     batch = max(b for b, _ in shapes)
-    inputs = calibration_windows(tokenizer, documents, batch, longest, 7).to(device)
+    no_spikes = None
+    if args.model == "llama3-8b-planted":
+        model, make_inputs, no_spikes = planted_8b(args, device)
+        model.to(device=device, dtype=getattr(torch, args.dtype))
+        inputs = make_inputs(batch, longest).to(device)
+    else:
+        model, tokenizer = load_model(args.model)
+        documents = load_documents(TextSource(path="shared/brown/brown.txt"))
+        calibration = calibration_windows(tokenizer, documents, 4, 512)
+        apply_recipe(model, tokenizer, [SpikeFreeModifier()], calibration)
+        model.to(device=device, dtype=getattr(torch, args.dtype))
+        inputs = calibration_windows(tokenizer, documents, batch, longest, 7)
+        inputs = inputs.to(device)
+    runtime = get_runtime(model)
+    layers = runtime.layers
+    templates = [layer.templates for layer in layers]
 
-    rows = {}
+    rows, checks = {}, {}
     with torch.no_grad():
         for size, tokens in shapes:
             ids = inputs[:size, :tokens]
@@ -105,6 +313,24 @@ def main() -> None:
                 device,
                 args.repeats,
             )
+        if no_spikes is not None:
+            size, tokens = shapes[0]
+            plain = no_spikes(inputs[:size, :tokens])
+            rows[f"prefill {size}x{tokens}, no spike tokens"] = side_by_side(
+                lambda: model(input_ids=plain, use_cache=False),
+                layers,
+                templates,
+                device,
+                args.repeats,
+            )
+            model(input_ids=plain, use_cache=False)
+            checks["spike_tokens_without_spike_tokens"] = int(
+                runtime.last_spike_tokens.sum()
+            )
+        model(input_ids=inputs[:1, : shapes[0][1]], use_cache=False)
+        checks["spike_tokens_handled_first_shape"] = int(
+            runtime.last_spike_tokens.sum()
+        )
         prefill = model(input_ids=inputs[:1, : args.cached], use_cache=True)
         cache = prefill.past_key_values
         step = inputs[:1, args.cached : args.cached + 1]
@@ -116,6 +342,37 @@ def main() -> None:
         rows[f"decode 1 (+{args.cached} cached)"] = side_by_side(
             decode, layers, templates, device, max(args.repeats, 10)
         )
+        if args.profile and device.type == "cuda":
+            size, tokens = shapes[0]
+            ids = inputs[:size, :tokens]
+            profile(lambda: model(input_ids=ids, use_cache=False), f"{size}x{tokens}")
+            profile(decode, "decode")
+        if args.sync_check and device.type == "cuda":
+            size, tokens = shapes[0]
+            ids = inputs[:size, :tokens]
+            prefill_run = lambda: model(input_ids=ids, use_cache=False)  # noqa: E731
+            checks["sync_debug_prefill"] = sync_check(prefill_run)
+            checks["sync_debug_decode"] = sync_check(decode)
+            for installed in (False, True):
+                install(layers, templates, installed)
+                key = "installed" if installed else "removed"
+                # the first forward after installation copies the templates to
+                # the device (once; that copy waits): checked after it
+                prefill_run()
+                decode()
+                checks[f"sync_debug_prefill_layers_{key}"] = sync_check(
+                    prefill_run, layers
+                )
+                checks[f"sync_debug_decode_layers_{key}"] = sync_check(decode, layers)
+            print(json.dumps(checks), flush=True)
+    if args.graph and device.type == "cuda":
+        try:
+            checks["cuda_graph_decode"] = graph_decode(
+                model, layers, templates, inputs[:1], args.cached, 4 * args.repeats
+            )
+        except Exception as error:  # noqa: BLE001 - reported, not raised
+            checks["cuda_graph_decode"] = f"{type(error).__name__}: {error}"[:300]
+        print(json.dumps(checks["cuda_graph_decode"]), flush=True)
     print(
         f"| {args.model} {args.device} {args.dtype} | without (s) | with (s) | ratio "
         "| host syncs without / with |"
@@ -134,7 +391,11 @@ def main() -> None:
             "device": args.device,
             "dtype": args.dtype,
             "threads": torch.get_num_threads(),
+            "torch": torch.__version__,
+            "gpu": torch.cuda.get_device_name() if device.type == "cuda" else None,
+            "layers": len(layers),
             "rows": rows,
+            "checks": checks,
         }
         args.output.write_text(json.dumps(report, indent=1))
 

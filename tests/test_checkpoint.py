@@ -53,10 +53,16 @@ def greedy(model, tokenizer) -> torch.Tensor:
         )[0, ids.shape[1] :]
 
 
+def device_of(model) -> torch.device:
+    """Where oneshot left the model: a GPU when there is one."""
+    return next(model.parameters()).device
+
+
 def measured(model, tokenizer, windows) -> dict:
     with torch.no_grad():
-        logits = model(windows).logits
+        logits = model(windows.to(device_of(model))).logits.cpu()
     return {
+        "device": device_of(model),
         "logits": logits,
         "ppl": perplexity(model, windows, progress=False).ppl,
         "tokens": greedy(model, tokenizer),
@@ -87,6 +93,7 @@ def test_a_reloaded_checkpoint_computes_what_the_model_in_memory_did(
         model = iq_transform.load_pretrained(folder)
     _, tokenizer = load_model(str(folder))
     assert get_runtime(model) is not None
+    model.to(before["device"])  # the same kernels as the model in memory
     after = measured(model, tokenizer, planted_windows)
     assert after["ppl"] == pytest.approx(before["ppl"], rel=1e-4)
     torch.testing.assert_close(after["logits"], before["logits"], rtol=1e-4, atol=1e-4)
@@ -124,15 +131,17 @@ def test_a_checkpoint_without_spikefree_loads_as_plain_llm_compressor(
     calibration, planted_windows, tmp_path
 ):
     model, tokenizer = quantized("w8a8_static", "rtn", calibration, spikefree=False)
+    device = device_of(model)
     with torch.no_grad():
-        before = model(planted_windows).logits
+        before = model(planted_windows.to(device)).logits
     model.save_pretrained(tmp_path, save_compressed=True)
     assert not (tmp_path / STATE_FILE).exists()
     assert json.loads((tmp_path / "config.json").read_text())["model_type"] == "llama"
     reloaded = AutoModelForCausalLM.from_pretrained(tmp_path)
     assert type(reloaded) is LlamaForCausalLM and get_runtime(reloaded) is None
     with torch.no_grad():
-        torch.testing.assert_close(reloaded(planted_windows).logits, before)
+        after = reloaded.to(device)(planted_windows.to(device)).logits
+    torch.testing.assert_close(after, before)
 
 
 @pytest.fixture(scope="module")
@@ -180,8 +189,13 @@ def test_trust_remote_code_loads_it_with_its_runtime_anywhere(
     assert result.returncode == 0, result.stderr[-3000:]
     assert "runtime True" in result.stdout
     with torch.no_grad():
-        expected = model(planted_windows[:1]).logits
-    torch.testing.assert_close(torch.load(folder / "remote_logits.pt"), expected)
+        expected = model(planted_windows[:1].to(device_of(model))).logits.cpu()
+    # the fresh process runs on the CPU: across devices, float32 rounding differs
+    same_device = device_of(model).type == "cpu"
+    tolerance = {} if same_device else {"rtol": 1e-4, "atol": 1e-4}
+    torch.testing.assert_close(
+        torch.load(folder / "remote_logits.pt"), expected, **tolerance
+    )
 
 
 def other_llama(hidden: int = 64, layers: int = 6) -> LlamaForCausalLM:
@@ -413,12 +427,15 @@ def test_a_quip_checkpoint_without_spikefree_gets_its_rotations_back(
     """transformers 5.17 skips transform_config; load_model attaches the online
     rotations, so a plain QuIP baseline can be re-evaluated as saved too."""
     model, tokenizer = quantized("w8a8_static", "quip_gptq", calibration, False)
+    device = device_of(model)
     with torch.no_grad():
-        before = model(planted_windows).logits
+        before = model(planted_windows.to(device)).logits.cpu()
     model.save_pretrained(tmp_path, save_compressed=True)
     tokenizer.save_pretrained(tmp_path)
     plain = AutoModelForCausalLM.from_pretrained(tmp_path)
     reloaded, _ = load_model(str(tmp_path))
+    reloaded.to(device)  # the same kernels as the model in memory
     with torch.no_grad():
         assert not torch.allclose(plain(planted_windows).logits, before, atol=1e-2)
-        torch.testing.assert_close(reloaded(planted_windows).logits, before)
+        after = reloaded(planted_windows.to(device)).logits.cpu()
+    torch.testing.assert_close(after, before)

@@ -20,6 +20,16 @@ from tests.test_compose import composed_config, recipe_of
 FAMILIES = ["mistral", "qwen2", "qwen3", "phi3"]
 
 
+def device_of(model) -> torch.device:
+    """Where oneshot left the model: a GPU when there is one."""
+    return next(model.parameters()).device
+
+
+def logits_of(model, ids: torch.Tensor) -> torch.Tensor:
+    """The model's logits for ``ids``, on the CPU."""
+    return model(ids.to(device_of(model))).logits.cpu()
+
+
 def quantized(family: str, calibration, transform: str, stages: str):
     model, tokenizer = load_model(f"tiny-planted-{family}")
     # ratio 64 (the modifier's default): at 32 the toy's embedding markers (12, against
@@ -118,8 +128,8 @@ def test_smoothquant_mappings_resolve_in_every_layer(family):
     fp, smoothed = family["fp"], family["spikefree"]
     for norm in get_arch_spec(fp).norm_linears:
         for index in range(fp.config.num_hidden_layers):
-            before = fp.model.layers[index].get_submodule(norm).weight
-            after = smoothed.model.layers[index].get_submodule(norm).weight
+            before = fp.model.layers[index].get_submodule(norm).weight.cpu()
+            after = smoothed.model.layers[index].get_submodule(norm).weight.cpu()
             assert not torch.allclose(before, after), (norm, index)
 
 
@@ -127,9 +137,9 @@ def test_static_with_spikefree_beats_plain_static(family, eval_windows):
     """Measured as the logits' error to FP (a random toy's perplexity sits near the
     vocabulary size, where it hardly moves)."""
     with torch.no_grad():
-        reference = family["fp"](eval_windows).logits
+        reference = logits_of(family["fp"], eval_windows)
         error = {
-            key: (family[key](eval_windows).logits - reference).pow(2).mean().item()
+            key: (logits_of(family[key], eval_windows) - reference).pow(2).mean().item()
             for key in ("static", "spikefree")
         }
     assert error["spikefree"] < error["static"] / 3, error
@@ -141,8 +151,9 @@ def test_a_reloaded_checkpoint_computes_what_the_model_in_memory_did(
     model = AutoModelForCausalLM.from_pretrained(family["folder"])
     assert model.config.model_type == f"{family['name']}_spikefree"
     assert get_runtime(model) is not None
+    model.to(device_of(family["spikefree"]))  # the same kernels on both sides
     with torch.no_grad():
-        expected = family["spikefree"](eval_windows).logits
+        expected = logits_of(family["spikefree"], eval_windows)
         torch.testing.assert_close(
-            model(eval_windows).logits, expected, rtol=1e-4, atol=1e-4
+            logits_of(model, eval_windows), expected, rtol=1e-4, atol=1e-4
         )

@@ -20,14 +20,22 @@ from tests.test_checkpoint import greedy, quantized
 CARRIER_LAYER = 2  # the planted model carries its spikes in layers 2-4
 
 
+def quantized_on_cpu(calibration):
+    """The W8A8 static + SpikeFree toy, moved to the CPU after oneshot (which runs
+    on a GPU where there is one): int8 CPU execution and its fake-quantized
+    reference both run there."""
+    model, tokenizer = quantized("w8a8_static", "rtn", calibration)
+    return model.to("cpu"), tokenizer
+
+
 @pytest.fixture(scope="module")
 def fake_quantized(calibration):
-    return quantized("w8a8_static", "rtn", calibration)
+    return quantized_on_cpu(calibration)
 
 
 @pytest.fixture(scope="module")
 def executed(calibration):
-    model, tokenizer = quantized("w8a8_static", "rtn", calibration)
+    model, tokenizer = quantized_on_cpu(calibration)
     return to_int8_cpu(model), tokenizer
 
 
@@ -118,7 +126,7 @@ def test_the_executed_forward_never_waits(executed, planted_windows, monkeypatch
 def test_a_saved_checkpoint_runs_in_int8_as_it_ran_before_saving(
     calibration, planted_windows, tmp_path
 ):
-    model, tokenizer = quantized("w8a8_static", "rtn", calibration)
+    model, tokenizer = quantized_on_cpu(calibration)
     with torch.no_grad():
         expected = model(planted_windows).logits
     # save_compressed leaves int8 weights in memory too, until a forward
@@ -182,7 +190,7 @@ def test_iq_quantize_evaluates_the_executed_model_beside_the_fake_quantized(
 def test_bf16_elsewhere_keeps_perplexity_and_the_checkpoint_weights(
     calibration, planted_windows, fake_quantized
 ):
-    model, _ = quantized("w8a8_static", "rtn", calibration)
+    model, _ = quantized_on_cpu(calibration)
     q_proj = model.model.layers[0].self_attn.q_proj
     weight = q_proj.weight.detach().clone()
     to_int8_cpu(model, dtype=torch.bfloat16)

@@ -105,7 +105,7 @@ def test_detection_with_left_padding_batch_and_mid_sequence_spikes(calibrated, p
         batch.input_ids == delimiter.token_id
     )
     expected &= batch.attention_mask.bool()
-    assert torch.equal(runtime.last_spike_tokens, expected)
+    assert torch.equal(runtime.last_spike_tokens.cpu(), expected)
     assert expected.sum() == 5
 
 

@@ -3,16 +3,27 @@ calibration: prefill, padded batches and decode steps alike. On the CPU the
 runtime selects spike rows by index (nothing waits there), so these tests run
 the device path on the CPU too, and check that both paths compute the same."""
 
+import os
+
 import pytest
 import torch
+from transformers import StaticCache
 
 from iq_transform import SpikeFreeModifier, get_runtime
 from iq_transform.composition.pipeline import apply_recipe
 from iq_transform.evaluation.host_syncs import count_host_syncs
 from iq_transform.models import load_model
+from iq_transform.spikefree import row_writes
 from iq_transform.spikefree import runtime as runtime_module
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+# the in-place row kernel runs on CUDA, and on the CPU in Triton's interpreter
+ROW_KERNEL = row_writes.triton is not None and (
+    DEVICE == "cuda" or os.environ.get("TRITON_INTERPRET") == "1"
+)
+needs_row_kernel = pytest.mark.skipif(
+    not ROW_KERNEL, reason="the row kernel needs Triton: CUDA, or TRITON_INTERPRET=1"
+)
 
 
 @pytest.fixture(scope="module")
@@ -106,3 +117,69 @@ def test_the_cpu_path_computes_what_the_device_path_does(
         indexed = model(input_ids=ids).logits
     assert get_runtime(model).last_spike_tokens[:, 0].all()
     torch.testing.assert_close(indexed, device_path, rtol=0, atol=1e-6)
+
+
+def test_a_static_cache_decode_step_never_waits(calibrated, calibration):
+    """A static KV cache keeps its length on the device (what CUDA graphs need):
+    the runtime decides token kinds there instead of reading it, and computes what
+    it computes with a dynamic cache."""
+    model, _ = calibrated
+    ids = calibration[:1, :33].to(DEVICE)
+    cache = StaticCache(config=model.config, max_cache_len=33)
+    with torch.no_grad():
+        model(input_ids=ids[:, :32], past_key_values=cache, use_cache=True)
+    positions = torch.full((1, 1), 32, device=DEVICE)
+
+    def step():
+        for layer in cache.layers:  # each call writes position 32 again
+            layer.cumulative_length.fill_(32)
+        return model(
+            input_ids=ids[:, 32:],
+            past_key_values=cache,
+            position_ids=positions,
+            use_cache=True,
+        ).logits
+
+    runtime = get_runtime(model)
+    templates = [layer.templates for layer in runtime.layers]
+    counts = {}
+    with torch.no_grad():
+        for installed in (False, True):
+            for layer, layer_templates in zip(runtime.layers, templates, strict=True):
+                layer.templates = layer_templates if installed else None
+            counts[installed] = count_host_syncs(step)
+        assert dict(counts[True] - counts[False]) == {}
+        static = step()
+        dynamic = model(input_ids=ids[:, :32], use_cache=True).past_key_values
+        expected = model(input_ids=ids[:, 32:], past_key_values=dynamic).logits
+    torch.testing.assert_close(static, expected, rtol=0, atol=1e-5)
+
+
+@needs_row_kernel
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_the_row_kernel_writes_the_flagged_rows_alone(dtype):
+    generator = torch.Generator().manual_seed(0)
+    for shape, width in (((2, 37), 2500), ((1, 5), 1024), ((3, 4), 100)):
+        output = torch.randn(*shape, width, generator=generator).to(DEVICE, dtype)
+        rows = (torch.rand(shape, generator=generator) < 0.3).to(DEVICE)
+        kinds = torch.randint(0, 2, shape, generator=generator).to(DEVICE)
+        values = torch.randn(2, width, generator=generator).to(DEVICE)
+        expected = torch.where(rows.unsqueeze(-1), values.to(dtype)[kinds], output)
+        written = row_writes.write_rows(output.clone(), rows, kinds, values)
+        assert torch.equal(written, expected)
+
+
+@needs_row_kernel
+def test_the_row_kernel_path_computes_what_torch_where_does(
+    calibrated, calibration, monkeypatch
+):
+    model, _ = calibrated
+    ids = calibration[:2].to(DEVICE)
+    monkeypatch.setattr(runtime_module, "KERNEL_DEVICES", {DEVICE})
+    with torch.no_grad():
+        where = model(input_ids=ids).logits
+        monkeypatch.setattr(runtime_module, "KERNEL_MIN_ELEMENTS", 1)
+        kernel = model(input_ids=ids).logits
+    assert get_runtime(model).last_spike_tokens[:, 0].all()
+    torch.testing.assert_close(kernel, where, rtol=0, atol=0)
+    assert _syncs(model, input_ids=ids) == {}

@@ -56,14 +56,26 @@ def spike_token_mask(
     if token_max.dim() == 1:
         token_max = token_max.unsqueeze(0)
     valid = (
-        torch.ones_like(token_max, dtype=torch.bool)
+        None
         if attention_mask is None
         else attention_mask.to(torch.bool).reshape(token_max.shape)
     )
-    masked = token_max.masked_fill(~valid, float("nan"))
-    median = masked.nanmedian(dim=-1, keepdim=True).values
-    n_valid = valid.sum(dim=-1, keepdim=True)
-    by_ratio = (token_max > ratio * median) & (n_valid >= MIN_TOKENS_FOR_MEDIAN)
+    spikes = None
+    # decided from shapes alone, so no call waits on the device: fewer tokens than
+    # MIN_TOKENS_FOR_MEDIAN (a decode step) never pass the ratio test, and without a
+    # mask every token is valid
+    if token_max.shape[-1] >= MIN_TOKENS_FOR_MEDIAN:
+        if valid is None:
+            median = token_max.nanmedian(dim=-1, keepdim=True).values
+            spikes = token_max > ratio * median
+        else:
+            masked = token_max.masked_fill(~valid, float("nan"))
+            median = masked.nanmedian(dim=-1, keepdim=True).values
+            n_valid = valid.sum(dim=-1, keepdim=True)
+            spikes = (token_max > ratio * median) & (n_valid >= MIN_TOKENS_FOR_MEDIAN)
     if threshold is not None:
-        by_ratio = by_ratio | (token_max > threshold)
-    return by_ratio & valid
+        over = token_max > threshold
+        spikes = over if spikes is None else spikes | over
+    if spikes is None:
+        spikes = torch.zeros_like(token_max, dtype=torch.bool)
+    return spikes if valid is None else spikes & valid

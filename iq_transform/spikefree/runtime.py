@@ -44,6 +44,7 @@ from iq_transform.spikefree.detect import spike_token_mask
 from iq_transform.spikefree.detect import token_max as detect_token_max
 from iq_transform.spikefree.distributed import reduce_statistics
 from iq_transform.spikefree.exact_rows import linear_with_unquantized_input
+from iq_transform.spikefree.row_writes import row_writer
 from iq_transform.spikefree.rows import set_excluded_rows
 from iq_transform.spikefree.templates import (
     FIRST_TOKEN,
@@ -87,8 +88,40 @@ def on_runtime_installed(callback) -> None:
 HOST_INDEXED_DEVICES = {"cpu"}
 
 
+def _indexed_device(device: torch.device | str) -> torch.device:
+    """``device`` with its index: ``cuda`` is the current CUDA device."""
+    device = torch.device(device)
+    if device.index is None and device.type not in ("cpu", "meta"):
+        module = getattr(torch, device.type, None)
+        if module is not None and hasattr(module, "current_device"):
+            return torch.device(device.type, module.current_device())
+    return device
+
+
 def _indexed(tensor: torch.Tensor) -> bool:
     return tensor.device.type in HOST_INDEXED_DEVICES
+
+
+# Outputs at least this large, on these devices, get their spike rows written in
+# place by one Triton launch that moves only those rows
+# (:mod:`iq_transform.spikefree.row_writes`); ``torch.where`` reads and writes every
+# row, which costs more than a launch there.
+KERNEL_DEVICES = {"cuda"}
+KERNEL_MIN_ELEMENTS = 1 << 20
+_ZEROS: dict[tuple, torch.Tensor] = {}
+
+
+def _in_place_kernel(output: torch.Tensor, rows: torch.Tensor):
+    """The row-writing kernel, where it may write ``output`` in place."""
+    if (
+        output.device.type not in KERNEL_DEVICES
+        or output.numel() < KERNEL_MIN_ELEMENTS
+        or not output.is_contiguous()
+        or rows.shape != output.shape[:-1]
+        or (output.requires_grad and torch.is_grad_enabled())
+    ):
+        return None
+    return row_writer(output)
 
 
 def insert_templates(
@@ -98,6 +131,7 @@ def insert_templates(
     templates: torch.Tensor,
     scale: torch.Tensor | None = None,
     shift: torch.Tensor | None = None,
+    kind: int | None = None,
 ) -> torch.Tensor:
     """Overwrite the spike rows of ``output`` with their kind's template.
 
@@ -113,6 +147,8 @@ def insert_templates(
     :param templates: (kinds, features), on ``output``'s device
     :param scale: optional (features,) factor, e.g. the norm's current weight
     :param shift: optional (features,) term added after it, e.g. a LayerNorm's bias
+    :param kind: the one kind every row has, where the caller knows it (a decode
+        step's tokens are all mid-sequence): then ``kinds`` is not read
     """
     values = templates if scale is None else templates * scale
     if shift is not None:
@@ -123,16 +159,30 @@ def insert_templates(
         if index[0].numel():
             output[index] = values[kinds[index]]
         return output
-    return torch.where(rows.unsqueeze(-1), values[kinds], output)
+    if (kernel := _in_place_kernel(output, rows)) is not None:
+        return kernel(output, rows, kinds, values)
+    selected = values[kinds] if kind is None else values[kind]
+    return torch.where(rows.unsqueeze(-1), selected, output)
 
 
-def zero_rows(hidden: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
-    """``hidden`` (a fresh tensor) with ``rows`` set to zero, in place."""
+def zero_rows(
+    hidden: torch.Tensor, rows: torch.Tensor, kinds: torch.Tensor | None = None
+) -> torch.Tensor:
+    """``hidden`` (a fresh tensor) with ``rows`` set to zero, in place (``kinds``,
+    any long tensor of ``rows``' shape, spares the kernel path a fill)."""
     if _indexed(hidden):
         index = rows.nonzero(as_tuple=True)
         if index[0].numel():
             hidden[index] = 0.0
         return hidden
+    if (kernel := _in_place_kernel(hidden, rows)) is not None:
+        width = hidden.shape[-1]
+        key = (width, hidden.dtype, hidden.device)
+        if key not in _ZEROS:
+            _ZEROS[key] = hidden.new_zeros(len(KINDS), width)
+        if kinds is None:
+            kinds = torch.zeros_like(rows, dtype=torch.long)
+        return kernel(hidden, rows, kinds, _ZEROS[key])
     return hidden.masked_fill_(rows.unsqueeze(-1), 0.0)
 
 
@@ -163,15 +213,59 @@ def _normalized(x: torch.Tensor, eps: float, arch: ArchSpec) -> torch.Tensor:
 
 
 @dataclass
+class _Tokens:
+    """What every decoder layer of one model forward shares (computed once)."""
+
+    valid: torch.Tensor
+    # the padding mask, or None where every token is real (no mask ops then)
+    mask: torch.Tensor | None
+    kinds: torch.Tensor
+    # the one kind of every token where the host knows it (a decode step), or None
+    kind: int | None
+    no_carriers: torch.Tensor
+
+
+@dataclass
 class _Forward:
     """What one layer knows about the forward in flight."""
 
     valid: torch.Tensor
     kinds: torch.Tensor
     carriers: torch.Tensor
-    # (kinds,) flat index of one carrier row of each kind: all carrier rows of a
-    # kind hold the same template, so the exact-row linears compute one row a kind
-    kind_rows: torch.Tensor | None = None
+    mask: torch.Tensor | None = None
+    kind: int | None = None
+    # False where the layer has no norm templates: ``carriers`` is all False
+    has_carriers: bool = True
+    _kind_rows: torch.Tensor | None = None
+
+    @property
+    def kind_rows(self) -> torch.Tensor:
+        """(kinds,) flat index of one carrier row of each kind: all carrier rows of
+        a kind hold the same template, so the exact-row linears compute one row a
+        kind (computed when a linear first asks)."""
+        if self._kind_rows is None:
+            self._kind_rows = _one_row_per_kind(self.carriers, self.kinds)
+        return self._kind_rows
+
+
+def _version(tensor: torch.Tensor | None) -> tuple | None:
+    """Changes whenever ``tensor`` is replaced or written in place."""
+    if tensor is None:
+        return None
+    return id(tensor), tensor.data_ptr(), tensor._version
+
+
+def _quantizes_input(module: nn.Module) -> bool:
+    """Whether ``module`` quantizes its input (compressed-tensors) or carries
+    precomputed template outputs: otherwise its template rows are exact already."""
+    if getattr(module, "template_outputs", None) is not None:
+        return True
+    scheme = getattr(module, "quantization_scheme", None)
+    return (
+        scheme is not None
+        and scheme.input_activations is not None
+        and getattr(module, "quantization_enabled", True)
+    )
 
 
 class LayerRuntime:
@@ -184,6 +278,8 @@ class LayerRuntime:
         self.mlp = layer.get_submodule(self.arch.down_proj.rsplit(".", 1)[0])
         self._templates: LayerTemplates | None = None
         self._resident: LayerTemplates | None = None
+        # per norm: (key, template rows scaled by the norm's weight, in its dtype)
+        self._norm_values: dict[str, tuple[tuple, torch.Tensor]] = {}
         self.statistics: LayerStatistics | None = None
         self.current: _Forward | None = None
         self._norm_handles: dict[int, torch.utils.hooks.RemovableHandle] = {}
@@ -206,11 +302,17 @@ class LayerRuntime:
     @templates.setter
     def templates(self, templates: LayerTemplates | None) -> None:
         self._templates, self._resident = templates, None
+        self._norm_values = {}
 
     def resident_templates(self, device: torch.device) -> LayerTemplates:
         """The templates on ``device``, copied there once (not at every insertion)."""
-        if self._resident is None or self._resident.device != device:
-            self._resident = self._templates.to(device)
+        resident = self._resident
+        if resident is not None and (
+            resident.device == device
+            or _indexed_device(resident.device) == _indexed_device(device)
+        ):
+            return resident
+        self._resident = self._templates.to(device)
         return self._resident
 
     @property
@@ -249,32 +351,39 @@ class LayerRuntime:
                 "overflow) before calibrating."
             )
         batch, tokens = hidden.shape[:2]
-        valid = self.runtime.valid_tokens(batch, tokens, hidden.device)
         past = _past_length(kwargs.get("past_key_values"), self.layer)
-        kinds = _token_kinds(valid, past)
         token_max = detect_token_max(hidden)
         if self.collecting:
+            valid = self.runtime.valid_tokens(batch, tokens, hidden.device)
+            kinds = _token_kinds(valid, past)
             carriers = spike_token_mask(token_max, self.runtime.ratio, valid)
             carriers = carriers | self.runtime.still_carried(token_max)
             self.runtime.remember_carriers(token_max, carriers)
             self._record_residual(token_max, carriers, valid)
-            state = _Forward(valid=valid, kinds=kinds, carriers=carriers)
+            state = _Forward(valid=valid, kinds=kinds, carriers=carriers, mask=valid)
         else:
+            shared = self.runtime.tokens(batch, tokens, hidden.device, past)
             templates = self.resident_templates(hidden.device)
             if templates.norm_templates:
                 carriers = spike_token_mask(
-                    token_max, self.runtime.ratio, valid, templates.residual_threshold
+                    token_max,
+                    self.runtime.ratio,
+                    shared.mask,
+                    templates.residual_threshold,
                 )
             else:
-                carriers = torch.zeros_like(valid)
+                carriers = shared.no_carriers
             state = _Forward(
-                valid=valid,
-                kinds=kinds,
+                valid=shared.valid,
+                kinds=shared.kinds,
                 carriers=carriers,
-                kind_rows=_one_row_per_kind(carriers, kinds),
+                mask=shared.mask,
+                kind=shared.kind,
+                has_carriers=bool(templates.norm_templates),
             )
         self.current = state
-        self.runtime.note_spikes(state.carriers)
+        if state.has_carriers:
+            self.runtime.note_spikes(state.carriers)
         set_excluded_rows(state.carriers)
         self._hook_norms()
         self._order_down_proj_hooks()
@@ -306,19 +415,40 @@ class LayerRuntime:
                         state.kinds[state.carriers],
                     )
                 return None
-            template = self.resident_templates(output.device).norm_templates.get(name)
-            if template is None:
+            values = self._scaled_norm_template(name, module, output)
+            if values is None:
                 return None
             return insert_templates(
-                output,
-                state.carriers,
-                state.kinds,
-                template,
-                scale=_effective_norm_weight(module, self.arch),
-                shift=_norm_bias(module),
+                output, state.carriers, state.kinds, values, kind=state.kind
             )
 
         return after_norm
+
+    def _scaled_norm_template(
+        self, name: str, norm: nn.Module, output: torch.Tensor
+    ) -> torch.Tensor | None:
+        """The norm's template rows times its weight as it is now (plus a
+        LayerNorm's bias), in ``output``'s dtype: recomputed only when the weight
+        or bias changes, not at every insertion."""
+        template = self.resident_templates(output.device).norm_templates.get(name)
+        if template is None:
+            return None
+        key = (
+            id(norm),
+            output.dtype,
+            output.device,
+            _version(norm.weight),
+            _version(getattr(norm, "bias", None)),
+        )
+        cached = self._norm_values.get(name)
+        if cached is not None and cached[0] == key:
+            return cached[1]
+        values = template * _effective_norm_weight(norm, self.arch)
+        if (shift := _norm_bias(norm)) is not None:
+            values = values + shift
+        values = values.to(device=output.device, dtype=output.dtype)
+        self._norm_values[name] = (key, values)
+        return values
 
     def _hook_template_fed_linears(self) -> None:
         # prepend: ahead of output hooks such as QuIP's online output rotation,
@@ -333,8 +463,10 @@ class LayerRuntime:
     def _exact_template_rows(self, norm_name: str, feeds_down_proj: bool):
         def after_linear(module, args, output):
             state = self.current
-            if self.collecting or state is None or state.kind_rows is None:
+            if self.collecting or state is None or not state.has_carriers:
                 return None
+            if not _quantizes_input(module):
+                return None  # the template row went through unquantized already
             templates = self.resident_templates(output.device)
             if norm_name not in templates.norm_templates:
                 return None
@@ -386,14 +518,14 @@ class LayerRuntime:
         detected = spike_token_mask(
             detect_token_max(hidden),
             self.runtime.ratio,
-            state.valid,
+            state.mask,
             templates.down_threshold,
         )
-        rows = detected | state.carriers
+        rows = detected | state.carriers if state.has_carriers else detected
         self.runtime.note_spikes(rows)
         self._down_rows = rows
         # the input is the MLP's fresh activation product in every known layout
-        return (zero_rows(hidden, rows), *args[1:])
+        return (zero_rows(hidden, rows, state.kinds), *args[1:])
 
     def _after_down_proj(self, module, args, output):
         state = self.current
@@ -408,7 +540,9 @@ class LayerRuntime:
         if rows is None:
             return None
         templates = self.resident_templates(output.device)
-        return insert_templates(output, rows, state.kinds, templates.down_template)
+        return insert_templates(
+            output, rows, state.kinds, templates.down_template, kind=state.kind
+        )
 
     # -- calibration statistics -------------------------------------------------
     def _record_residual(self, token_max, carriers, valid) -> None:
@@ -451,23 +585,36 @@ def template_row_outputs(
     return linear_with_unquantized_input(module, rows)
 
 
-def _past_length(past_key_values, layer: nn.Module) -> int:
-    """Tokens already in the KV cache for this layer (0 without a cache)."""
+def _past_length(past_key_values, layer: nn.Module) -> int | torch.Tensor:
+    """Tokens already in the KV cache for this layer (0 without a cache); a static
+    cache keeps its length on the device, which is then returned unread."""
     if past_key_values is None or not hasattr(past_key_values, "get_seq_length"):
         return 0
     layer_idx = getattr(getattr(layer, "self_attn", None), "layer_idx", 0)
-    return int(past_key_values.get_seq_length(layer_idx))
+    length = past_key_values.get_seq_length(layer_idx)
+    if isinstance(length, torch.Tensor) and not _indexed(length):
+        return length.reshape(())
+    return int(length)
 
 
-def _token_kinds(valid: torch.Tensor, past: int) -> torch.Tensor:
+def _token_kinds(
+    valid: torch.Tensor, past: int | torch.Tensor, padded: bool = True
+) -> torch.Tensor:
     """FIRST_TOKEN for each sequence's first valid token of a fresh sequence,
-    MID_SEQUENCE for every other token (decode steps included)."""
-    if past > 0:
+    MID_SEQUENCE for every other token (decode steps included). ``padded=False``
+    says every token is valid (the first is then the first position)."""
+    if isinstance(past, int) and past > 0:
         return torch.full(
             valid.shape, MID_SEQUENCE, dtype=torch.long, device=valid.device
         )
-    # the first valid token is the one with no valid token before it
-    first = valid & (valid.cumsum(dim=-1) == 1)
+    if padded:
+        # the first valid token is the one with no valid token before it
+        first = valid & (valid.cumsum(dim=-1) == 1)
+    else:
+        first = torch.zeros_like(valid)
+        first[..., :1].fill_(True)
+    if isinstance(past, torch.Tensor):  # decided on the device
+        first = first & (past == 0)
     return torch.where(first, FIRST_TOKEN, MID_SEQUENCE)
 
 
@@ -501,6 +648,9 @@ class SpikeFreeRuntime:
         self.last_spike_tokens: torch.Tensor | None = None
         self._forward_rows: torch.Tensor | None = None
         self._previous: tuple[torch.Tensor, torch.Tensor] | None = None
+        # (key, tokens) shared by the layers of the model forward in flight
+        self._in_forward = False
+        self._tokens: tuple[tuple, _Tokens] | None = None
         self.layers = [
             LayerRuntime(self, index, layer)
             for index, layer in enumerate(arch.decoder_layers(model))
@@ -527,6 +677,7 @@ class SpikeFreeRuntime:
         self.attention_mask = mask if is_mask else None
         self._forward_rows = None
         self._previous = None
+        self._in_forward, self._tokens = True, None
 
     def end_forward(self) -> None:
         if self._forward_rows is not None:
@@ -537,6 +688,7 @@ class SpikeFreeRuntime:
             self._seen = counted
         self.last_spike_tokens = self._forward_rows
         self.attention_mask, self._forward_rows = None, None
+        self._in_forward, self._tokens = False, None
 
     @property
     def spike_tokens_seen(self) -> int:
@@ -568,6 +720,29 @@ class SpikeFreeRuntime:
             self._forward_rows = rows.clone()
         else:
             self._forward_rows |= rows
+
+    def tokens(
+        self, batch: int, tokens: int, device, past: int | torch.Tensor
+    ) -> _Tokens:
+        """Token mask and kinds of the current call, computed once per model
+        forward (every decoder layer sees the same tokens), per call outside one
+        (llm-compressor's layer-major pipeline)."""
+        key = (batch, tokens, device, past if isinstance(past, int) else id(past))
+        if self._in_forward and self._tokens is not None and self._tokens[0] == key:
+            return self._tokens[1]
+        mask = self.attention_mask
+        padded = mask is not None and mask.shape[0] == batch and mask.shape[1] >= tokens
+        valid = self.valid_tokens(batch, tokens, device)
+        shared = _Tokens(
+            valid=valid,
+            mask=valid if padded else None,
+            kinds=_token_kinds(valid, past, padded),
+            kind=MID_SEQUENCE if isinstance(past, int) and past > 0 else None,
+            no_carriers=torch.zeros_like(valid),
+        )
+        if self._in_forward:
+            self._tokens = (key, shared)
+        return shared
 
     def valid_tokens(self, batch: int, tokens: int, device) -> torch.Tensor:
         """(batch, tokens) real-token mask of the current call (all True without a

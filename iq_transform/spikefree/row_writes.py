@@ -1,0 +1,89 @@
+"""In-place writes of the spike rows of a large GPU tensor, decided on the device.
+
+``torch.where`` over a (tokens, features) output reads and writes every row to
+change a handful; this Triton kernel runs one program per row, and a row that is
+not flagged has every load and store masked off, so only the spike rows move data.
+The host never reads the mask, so nothing waits and a CUDA graph can capture the
+launch. Where Triton is
+missing (or the tensor is not on CUDA, unless ``TRITON_INTERPRET=1``),
+:func:`row_writer` says so and the runtime keeps ``torch.where``.
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+
+__all__ = ["row_writer", "write_rows"]
+
+try:
+    import triton
+    import triton.language as tl
+except ImportError:  # CPU-only installs
+    triton = None
+
+BLOCK = 1024
+
+if triton is not None:
+
+    @triton.jit
+    def _write_rows_kernel(
+        out_ptr,
+        flags_ptr,
+        kinds_ptr,
+        values_ptr,
+        stride_out,
+        N: tl.constexpr,
+        BLOCK: tl.constexpr,
+    ):
+        # a row not flagged moves no data: every load and store is masked off
+        row = tl.program_id(0).to(tl.int64)
+        flagged = tl.load(flags_ptr + row) != 0
+        kind = tl.load(kinds_ptr + row).to(tl.int64)
+        for start in range(0, N, BLOCK):
+            cols = start + tl.arange(0, BLOCK)
+            mask = (cols < N) & flagged
+            values = tl.load(values_ptr + kind * N + cols, mask=mask)
+            tl.store(
+                out_ptr + row * stride_out + cols,
+                values.to(out_ptr.dtype.element_ty),
+                mask=mask,
+            )
+
+
+def write_rows(
+    output: torch.Tensor,
+    rows: torch.Tensor,
+    kinds: torch.Tensor,
+    values: torch.Tensor,
+) -> torch.Tensor:
+    """``output[rows] = values[kinds[rows]]`` in place.
+
+    :param output: (..., features) a contiguous tensor
+    :param rows: bool, ``output.shape[:-1]``
+    :param kinds: integer, ``output.shape[:-1]``
+    :param values: (kinds, features), on ``output``'s device
+    """
+    width = output.shape[-1]
+    flat = output.view(-1, width)
+    _write_rows_kernel[(flat.shape[0],)](
+        flat,
+        rows.reshape(-1).contiguous().view(torch.int8),
+        kinds.reshape(-1).contiguous(),
+        values.to(output.dtype).contiguous(),
+        flat.stride(0),
+        N=width,  # a constant: one compilation per width
+        BLOCK=BLOCK,
+        num_warps=4,
+    )
+    return output
+
+
+def row_writer(output: torch.Tensor):
+    """:func:`write_rows` where it can run on ``output``, else ``None``."""
+    if triton is None:
+        return None
+    if output.device.type != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":
+        return None
+    return write_rows
