@@ -176,26 +176,24 @@ def test_trust_remote_code_loads_it_with_its_runtime_anywhere(
     rtn_checkpoint, planted_windows
 ):
     model, folder = rtn_checkpoint
+    # on the in-memory model's device: a static scale turns the last-bit rounding
+    # differences between devices into different codes
+    device = str(device_of(model))
     result = fresh_python(
         "import sys, torch\n"
         "from transformers import AutoModelForCausalLM\n"
         f"m = AutoModelForCausalLM.from_pretrained({str(folder)!r}, "
-        "trust_remote_code=True)\n"
+        f"trust_remote_code=True).to({device!r})\n"
         "from iq_transform import get_runtime\n"
         "print('runtime', get_runtime(m) is not None)\n"
-        f"torch.save(m(torch.tensor({planted_windows[:1].tolist()})).logits, "
-        f"{str(folder / 'remote_logits.pt')!r})\n"
+        f"ids = torch.tensor({planted_windows[:1].tolist()}, device={device!r})\n"
+        f"torch.save(m(ids).logits.cpu(), {str(folder / 'remote_logits.pt')!r})\n"
     )
     assert result.returncode == 0, result.stderr[-3000:]
     assert "runtime True" in result.stdout
     with torch.no_grad():
-        expected = model(planted_windows[:1].to(device_of(model))).logits.cpu()
-    # the fresh process runs on the CPU: across devices, float32 rounding differs
-    same_device = device_of(model).type == "cpu"
-    tolerance = {} if same_device else {"rtol": 1e-4, "atol": 1e-4}
-    torch.testing.assert_close(
-        torch.load(folder / "remote_logits.pt"), expected, **tolerance
-    )
+        expected = model(planted_windows[:1].to(device)).logits.cpu()
+    torch.testing.assert_close(torch.load(folder / "remote_logits.pt"), expected)
 
 
 def other_llama(hidden: int = 64, layers: int = 6) -> LlamaForCausalLM:
@@ -360,7 +358,10 @@ def test_iq_quantize_saves_and_then_evaluates_the_folder_as_saved(tmp_path):
     assert quantized["save_dir"] == str(saved) and not quantized["evaluated_as_saved"]
     assert as_saved["evaluated_as_saved"] and as_saved["recipe"] == "saved"
     assert as_saved["oneshot_seconds"] is None
-    assert as_saved["ppl"] == pytest.approx(quantized["ppl"], rel=1e-4)
+    # on a GPU, decompressed and fake-quantized weights round differently in their
+    # last bits, and a static scale turns some of that into flipped codes
+    tolerance = 1e-3 if torch.cuda.is_available() else 1e-4
+    assert as_saved["ppl"] == pytest.approx(quantized["ppl"], rel=tolerance)
     assert as_saved["spike_tokens_in_eval"] == quantized["spike_tokens_in_eval"] > 0
     assert "SpikeFreeModifier" in (tmp_path / "b" / "recipe.yaml").read_text()
 

@@ -14,6 +14,7 @@ from iq_transform import get_runtime
 from iq_transform.evaluation.host_syncs import count_host_syncs
 from iq_transform.evaluation.perplexity import perplexity
 from iq_transform.kernels import Int8ExecutionError, is_int8_executed, to_int8_cpu
+from iq_transform.models.offload import move_model
 from iq_transform.spikefree.templates import FIRST_TOKEN
 from tests.test_checkpoint import greedy, quantized
 
@@ -25,7 +26,7 @@ def quantized_on_cpu(calibration):
     on a GPU where there is one): int8 CPU execution and its fake-quantized
     reference both run there."""
     model, tokenizer = quantized("w8a8_static", "rtn", calibration)
-    return model.to("cpu"), tokenizer
+    return move_model(model, "cpu"), tokenizer
 
 
 @pytest.fixture(scope="module")

@@ -13,8 +13,9 @@ from iq_transform import SpikeFreeModifier, get_runtime
 from iq_transform.composition.pipeline import apply_recipe
 from iq_transform.evaluation.host_syncs import count_host_syncs
 from iq_transform.models import load_model
-from iq_transform.spikefree import row_writes
+from iq_transform.spikefree import row_decisions, row_writes
 from iq_transform.spikefree import runtime as runtime_module
+from iq_transform.spikefree.detect import spike_token_mask
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 # the in-place row kernel runs on CUDA, and on the CPU in Triton's interpreter
@@ -183,3 +184,88 @@ def test_the_row_kernel_path_computes_what_torch_where_does(
     assert get_runtime(model).last_spike_tokens[:, 0].all()
     torch.testing.assert_close(kernel, where, rtol=0, atol=0)
     assert _syncs(model, input_ids=ids) == {}
+
+
+@needs_row_kernel
+def test_the_decision_kernel_decides_what_the_torch_ops_do():
+    generator = torch.Generator().manual_seed(0)
+    cases = [((2, 64), True), ((3, 300), False), ((1, 1), False), ((2, 5), True)]
+    for (batch, tokens), padded in cases:
+        token_max = torch.rand(batch, tokens, generator=generator) + 0.5
+        token_max = token_max.bfloat16().float()  # what vector_norm gives in bf16
+        token_max[:, 0] = 1000.0  # first-token spikes
+        token_max[0, tokens // 2] = 70.0  # over 64 x the median, under the threshold
+        token_max[-1, -1] = 40.0  # under 64 x the median, over the threshold
+        valid = None
+        if padded:
+            valid = torch.ones(batch, tokens, dtype=torch.bool)
+            valid[-1, : tokens // 3] = False  # left padding
+        also = torch.rand(batch, tokens, generator=generator) < 0.05
+        record = torch.rand(batch, tokens, generator=generator) < 0.05
+        threshold = torch.tensor(20.0)
+        expected = spike_token_mask(token_max, 64.0, valid, threshold) | also
+        on = dict(device=DEVICE)
+        seen = record.to(**on)
+        rows = row_decisions.decide_rows(
+            token_max.to(**on),
+            64.0,
+            None if valid is None else valid.to(**on),
+            threshold.to(**on),
+            also.to(**on),
+            seen,
+        )
+        assert torch.equal(rows.cpu(), expected), (batch, tokens)
+        assert torch.equal(seen.cpu(), record | expected)
+
+
+@needs_row_kernel
+def test_the_decision_kernel_path_computes_what_the_torch_ops_do(
+    calibrated, calibration, monkeypatch
+):
+    model, _ = calibrated
+    ids = calibration[:2].to(DEVICE)
+    runtime = get_runtime(model)
+
+    def prefill_and_decode():
+        out = model(input_ids=ids[:, :-1], use_cache=True)
+        rows = runtime.last_spike_tokens.clone()
+        step = model(input_ids=ids[:, -1:], past_key_values=out.past_key_values)
+        return out.logits, rows, step.logits
+
+    with torch.no_grad():
+        kernel = prefill_and_decode()
+        monkeypatch.setattr(runtime_module, "row_decider", lambda token_max: None)
+        monkeypatch.setattr(runtime_module, "row_detector", lambda hidden: None)
+        torch_ops = prefill_and_decode()
+    assert kernel[1][:, 0].all()
+    assert torch.equal(kernel[1], torch_ops[1])
+    torch.testing.assert_close(kernel[0], torch_ops[0], rtol=0, atol=0)
+    torch.testing.assert_close(kernel[2], torch_ops[2], rtol=0, atol=0)
+
+
+@needs_row_kernel
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_the_short_sequence_kernel_detects_and_zeroes_what_the_torch_ops_do(dtype):
+    generator = torch.Generator().manual_seed(1)
+    for batch, tokens, width in ((3, 1, 1500), (2, 5, 64)):
+        hidden = torch.randn(batch, tokens, width, generator=generator).to(dtype)
+        hidden[0, 0, 7] = 50.0  # over the threshold
+        hidden[-1, -1, -1] = -50.0  # over it in |x|
+        threshold = torch.tensor(20.0)
+        valid = torch.ones(batch, tokens, dtype=torch.bool)
+        valid[-1, 0] = False
+        also = torch.zeros(batch, tokens, dtype=torch.bool)
+        also[1, 0] = True
+        record = torch.zeros(batch, tokens, dtype=torch.bool)
+        record[0, -1] = True
+        token_max = hidden.float().abs().amax(-1)
+        expected = spike_token_mask(token_max, 64.0, valid, threshold) | also
+        on = dict(device=DEVICE)
+        written, seen = hidden.to(**on), record.to(**on)
+        rows = row_decisions.detect_rows(
+            written, threshold.to(**on), valid.to(**on), also.to(**on), seen, zero=True
+        )
+        assert torch.equal(rows.cpu(), expected), (batch, tokens)
+        assert expected.any() and torch.equal(seen.cpu(), record | expected)
+        zeroed = hidden.masked_fill(expected.unsqueeze(-1), 0.0)
+        assert torch.equal(written.cpu(), zeroed)

@@ -23,6 +23,7 @@ from compressed_tensors.quantization.lifecycle.forward import quantize
 from loguru import logger
 from torch import nn
 
+from iq_transform.models.offload import move_model
 from iq_transform.spikefree.runtime import get_runtime
 
 __all__ = [
@@ -182,9 +183,10 @@ def _template_outputs(
         return {}
     outputs = {}
     for layer in runtime.layers:
-        templates = layer.templates
-        if templates is None:
+        if layer.templates is None:
             continue
+        # a checkpoint loaded on a GPU keeps its templates there: the CPU's copy
+        templates = layer.resident_templates(torch.device("cpu"))
         for norm_name, linear_names in runtime.arch.norm_linears.items():
             template = templates.norm_templates.get(norm_name)
             if template is None:
@@ -221,14 +223,15 @@ def to_int8_cpu(model: nn.Module, dtype: torch.dtype = torch.float32) -> nn.Modu
     changed, so a refused model is left exactly as it was.
 
     :param model: a model after ``oneshot`` with a W8A8 static INT8 recipe (with or
-        without SpikeFree), or loaded from such a checkpoint; on the CPU
+        without SpikeFree), or loaded from such a checkpoint; on any device (it is
+        moved to the CPU)
     :param dtype: the float dtype of everything else (norms, attention, the
         runtime's insertions, ``lm_head``) and of the int8 linears' outputs;
         ``torch.bfloat16`` runs them in bf16 (AMX / AVX-512 BF16) while the
         converted linears keep their float32 weights for ``save_pretrained``
     :return: ``model``, converted
     :raises Int8ExecutionError: nothing to execute, a scheme the kernels cannot
-        run (named, with what can), a model not on the CPU, or no oneDNN
+        run (named, with what can), or no oneDNN
     """
     if is_int8_executed(model):
         raise Int8ExecutionError("The model already runs in int8 CPU kernels.")
@@ -255,12 +258,18 @@ def to_int8_cpu(model: nn.Module, dtype: torch.dtype = torch.float32) -> nn.Modu
             f"{len(refusals)} of {len(quantized)} quantized Linears cannot run in "
             f"int8 CPU kernels ({shown}). Executable: {EXECUTABLE}."
         )
-    off_cpu = [name for name, m in quantized if m.weight.device.type != "cpu"]
+    off_cpu = [
+        (n, m.weight.device) for n, m in quantized if m.weight.device.type != "cpu"
+    ]
     if off_cpu:
-        raise Int8ExecutionError(
-            f"int8 CPU execution needs the model on the CPU; {off_cpu[0]} is on "
-            f"{quantized[0][1].weight.device}: call model.to('cpu') first."
+        # the kernels are the CPU's; a model that oneshot left on a GPU is dispatched
+        # there by compressed-tensors (every access onloads it), so the dispatch goes
+        # with the move
+        name, device = off_cpu[0]
+        logger.info(
+            f"int8 CPU execution: moving the model to the CPU ({name}: {device})"
         )
+        move_model(model, "cpu")
     _decompress(model)
     weights = {module: _weight_codes(module) for _, module in quantized}
     template_outputs = _template_outputs(model, weights)

@@ -19,12 +19,14 @@ from __future__ import annotations
 from contextlib import ExitStack
 from functools import partial
 
+import torch
 from compressed_tensors.offload import disable_offloading
 from compressed_tensors.offload.cache import OffloadCache
+from compressed_tensors.offload.dispatch import remove_dispatch
 from loguru import logger
 from torch import nn
 
-__all__ = ["is_offloaded", "onload_once_per_forward"]
+__all__ = ["is_offloaded", "move_model", "onload_once_per_forward"]
 
 # marks a module that already carries the hooks
 HOOKED_ATTR = "_iq_onload_once_per_forward"
@@ -36,6 +38,20 @@ def is_offloaded(module: nn.Module) -> bool:
     :param module: any module
     """
     return isinstance(module._parameters, OffloadCache)
+
+
+def move_model(model: nn.Module, device: torch.device | str) -> nn.Module:
+    """Move a model to ``device`` for good, also one that oneshot left dispatched
+    by compressed-tensors (whose every weight access onloads to the execution
+    device it was dispatched to, whatever ``model.to`` says).
+
+    :param model: any model
+    :param device: where its weights go and its forward runs
+    :return: ``model``, moved in place
+    """
+    if any(is_offloaded(module) for module in model.modules()):
+        remove_dispatch(model)
+    return model.to(device)
 
 
 def onload_once_per_forward(model: nn.Module) -> int:

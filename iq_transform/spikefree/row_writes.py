@@ -15,7 +15,7 @@ import os
 
 import torch
 
-__all__ = ["row_writer", "write_rows"]
+__all__ = ["int8_bytes", "row_writer", "write_rows"]
 
 try:
     import triton
@@ -61,23 +61,30 @@ def write_rows(
     """``output[rows] = values[kinds[rows]]`` in place.
 
     :param output: (..., features) a contiguous tensor
-    :param rows: bool, ``output.shape[:-1]``
+    :param rows: bool, ``output.shape[:-1]`` (made contiguous where it is not)
     :param kinds: integer, ``output.shape[:-1]``
     :param values: (kinds, features), on ``output``'s device
     """
     width = output.shape[-1]
-    flat = output.view(-1, width)
-    _write_rows_kernel[(flat.shape[0],)](
-        flat,
-        rows.reshape(-1).contiguous().view(torch.int8),
-        kinds.reshape(-1).contiguous(),
-        values.to(output.dtype).contiguous(),
-        flat.stride(0),
+    if values.dtype != output.dtype or not values.is_contiguous():
+        values = values.to(output.dtype).contiguous()
+    # each dispatch costs host time on the hot path: views only where needed
+    _write_rows_kernel[(rows.numel(),)](
+        output,
+        int8_bytes(rows),
+        kinds if kinds.is_contiguous() else kinds.contiguous(),
+        values,
+        width,  # ``output`` is contiguous: a row starts every ``width`` elements
         N=width,  # a constant: one compilation per width
         BLOCK=BLOCK,
         num_warps=4,
     )
     return output
+
+
+def int8_bytes(mask: torch.Tensor) -> torch.Tensor:
+    """A bool mask as the bytes Triton reads (no copy where it is contiguous)."""
+    return (mask if mask.is_contiguous() else mask.contiguous()).view(torch.int8)
 
 
 def row_writer(output: torch.Tensor):

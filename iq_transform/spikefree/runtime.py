@@ -44,6 +44,7 @@ from iq_transform.spikefree.detect import spike_token_mask
 from iq_transform.spikefree.detect import token_max as detect_token_max
 from iq_transform.spikefree.distributed import reduce_statistics
 from iq_transform.spikefree.exact_rows import linear_with_unquantized_input
+from iq_transform.spikefree.row_decisions import row_decider, row_detector
 from iq_transform.spikefree.row_writes import row_writer
 from iq_transform.spikefree.rows import set_excluded_rows
 from iq_transform.spikefree.templates import (
@@ -321,8 +322,9 @@ class LayerRuntime:
 
     @property
     def active(self) -> bool:
-        return self.collecting or (
-            self.templates is not None and self.templates.carries_spikes
+        return self.runtime.enabled and (
+            self.collecting
+            or (self.templates is not None and self.templates.carries_spikes)
         )
 
     def start_collecting(self, hidden_size: int) -> None:
@@ -352,8 +354,8 @@ class LayerRuntime:
             )
         batch, tokens = hidden.shape[:2]
         past = _past_length(kwargs.get("past_key_values"), self.layer)
-        token_max = detect_token_max(hidden)
         if self.collecting:
+            token_max = detect_token_max(hidden)
             valid = self.runtime.valid_tokens(batch, tokens, hidden.device)
             kinds = _token_kinds(valid, past)
             carriers = spike_token_mask(token_max, self.runtime.ratio, valid)
@@ -365,11 +367,8 @@ class LayerRuntime:
             shared = self.runtime.tokens(batch, tokens, hidden.device, past)
             templates = self.resident_templates(hidden.device)
             if templates.norm_templates:
-                carriers = spike_token_mask(
-                    token_max,
-                    self.runtime.ratio,
-                    shared.mask,
-                    templates.residual_threshold,
+                carriers = self.runtime.spike_rows(
+                    hidden, shared.mask, templates.residual_threshold
                 )
             else:
                 carriers = shared.no_carriers
@@ -382,7 +381,7 @@ class LayerRuntime:
                 has_carriers=bool(templates.norm_templates),
             )
         self.current = state
-        if state.has_carriers:
+        if self.collecting:
             self.runtime.note_spikes(state.carriers)
         set_excluded_rows(state.carriers)
         self._hook_norms()
@@ -515,17 +514,17 @@ class LayerRuntime:
         templates = self.resident_templates(hidden.device)
         if templates.down_template is None:
             return None
-        detected = spike_token_mask(
-            detect_token_max(hidden),
-            self.runtime.ratio,
+        # the input is the MLP's fresh activation product in every known layout,
+        # so its spike rows are zeroed in place
+        self._down_rows = self.runtime.spike_rows(
+            hidden,
             state.mask,
             templates.down_threshold,
+            also=state.carriers if state.has_carriers else None,
+            kinds=state.kinds,
+            zero=True,
         )
-        rows = detected | state.carriers if state.has_carriers else detected
-        self.runtime.note_spikes(rows)
-        self._down_rows = rows
-        # the input is the MLP's fresh activation product in every known layout
-        return (zero_rows(hidden, rows, state.kinds), *args[1:])
+        return (hidden, *args[1:])
 
     def _after_down_proj(self, module, args, output):
         state = self.current
@@ -626,6 +625,9 @@ class SpikeFreeRuntime:
     :param ratio: spike-token ratio to the median token max
     :param exact_template_rows: the linears fed by a templated norm compute the
         template rows from their unquantized input
+
+    Set ``enabled = False`` to run the model's own forward with the runtime in
+    place (templates and their copies on the device kept), ``True`` to resume.
     """
 
     def __init__(
@@ -642,6 +644,9 @@ class SpikeFreeRuntime:
             )
         self.model, self.arch, self.ratio = model, arch, ratio
         self.exact_template_rows = exact_template_rows
+        # False: every hook returns at once, templates and their device copies kept
+        # (the model's own forward, e.g. to time or compare against)
+        self.enabled = True
         self.attention_mask: torch.Tensor | None = None
         self._seen: torch.Tensor | None = None
         # (batch, tokens) tokens handled in the last model forward, for inspection
@@ -713,6 +718,57 @@ class SpikeFreeRuntime:
                 )
         finally:
             self.end_forward()
+
+    def spike_rows(
+        self,
+        hidden: torch.Tensor,
+        mask: torch.Tensor | None,
+        threshold: torch.Tensor,
+        also: torch.Tensor | None = None,
+        kinds: torch.Tensor | None = None,
+        zero: bool = False,
+    ) -> torch.Tensor:
+        """The spike rows of ``hidden`` at one site of the forward in flight (ratio
+        to the median and ``threshold``, or-ed with ``also``), noted as handled;
+        with ``zero``, those rows of ``hidden`` (a fresh tensor) are set to zero.
+
+        On a GPU this is one or two launches
+        (:mod:`iq_transform.spikefree.row_decisions`): the per-token max and the
+        decision, or for a decode step both in one pass over the activations;
+        elsewhere the torch ops of
+        :func:`~iq_transform.spikefree.detect.spike_token_mask`.
+
+        :param hidden: (batch, tokens, features) activations at the site
+        :param mask: bool (batch, tokens) real tokens, or ``None`` (all are)
+        :param threshold: float32 scalar on ``hidden``'s device
+        :param also: bool (batch, tokens) rows that are spike rows regardless
+        :param kinds: the rows' kinds (spares the zeroing kernel a fill)
+        :param zero: set the spike rows of ``hidden`` to zero, in place
+        """
+        if (detect := row_detector(hidden)) is not None:
+            record = self._record(hidden)
+            return detect(hidden, threshold, mask, also, record, zero)
+        values = hidden.detach() if torch.is_grad_enabled() else hidden
+        token_max = torch.linalg.vector_norm(values, ord=float("inf"), dim=-1)
+        if (decide := row_decider(token_max)) is not None:
+            record = self._record(hidden)
+            rows = decide(token_max, self.ratio, mask, threshold, also, record)
+        else:
+            rows = spike_token_mask(token_max.float(), self.ratio, mask, threshold)
+            rows = rows if also is None else rows | also
+            self.note_spikes(rows)
+        if zero:
+            zero_rows(hidden, rows, kinds)
+        return rows
+
+    def _record(self, hidden: torch.Tensor) -> torch.Tensor:
+        """The forward's handled rows, for a kernel to or into (zeros at first)."""
+        shape = hidden.shape[:-1]
+        if self._forward_rows is None or self._forward_rows.shape != shape:
+            self._forward_rows = torch.zeros(
+                shape, dtype=torch.bool, device=hidden.device
+            )
+        return self._forward_rows
 
     def note_spikes(self, rows: torch.Tensor) -> None:
         """Remember which tokens were handled in this model forward (counted once)."""

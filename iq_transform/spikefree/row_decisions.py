@@ -1,0 +1,232 @@
+"""Which rows are spike rows, decided in one launch on the device.
+
+:func:`iq_transform.spikefree.detect.spike_token_mask` followed by ``| also`` and the
+runtime's running "rows handled in this forward" is seven to ten small torch ops
+per site (median, products, comparisons, ors); on a GPU each costs a launch and
+its host dispatch, which is what the runtime's overhead is made of. This Triton
+kernel runs one program per sequence over the per-token max |x| (computed by one
+``vector_norm`` before it): the median of the valid tokens (sorted in registers),
+the ratio and threshold tests, the padding mask, the extra rows and the running
+record, in one launch, with the same float32 arithmetic as the torch reference.
+The host never reads a result, so nothing waits and a CUDA graph can capture it.
+Sequences too short for a median (a decode step) skip the ``vector_norm``:
+:func:`detect_rows` reads the activations themselves, one program per row, and
+zeroes the spike rows of a ``down_proj`` input in the same pass. Where Triton is
+missing (or the tensor is not on CUDA, unless
+``TRITON_INTERPRET=1``), :func:`row_decider` says so and the runtime keeps the torch
+ops.
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+
+from iq_transform.spikefree.detect import MIN_TOKENS_FOR_MEDIAN
+from iq_transform.spikefree.row_writes import int8_bytes
+
+__all__ = ["MAX_TOKENS", "decide_rows", "detect_rows", "row_decider", "row_detector"]
+
+try:
+    import triton
+    import triton.language as tl
+except ImportError:  # CPU-only installs
+    triton = None
+
+# one program sorts its sequence in registers: longer sequences take the torch ops
+MAX_TOKENS = 16384
+
+if triton is not None:
+
+    @triton.jit
+    def _decide_rows_kernel(
+        token_max_ptr,
+        valid_ptr,
+        threshold_ptr,
+        also_ptr,
+        rows_ptr,
+        record_ptr,
+        tokens,
+        ratio,
+        HAS_VALID: tl.constexpr,
+        MEDIAN: tl.constexpr,
+        HAS_THRESHOLD: tl.constexpr,
+        HAS_ALSO: tl.constexpr,
+        RECORD: tl.constexpr,
+        MIN_TOKENS: tl.constexpr,
+        BLOCK: tl.constexpr,
+    ):
+        sequence = tl.program_id(0).to(tl.int64)
+        offsets = tl.arange(0, BLOCK)
+        inside = offsets < tokens
+        at = sequence * tokens + offsets
+        values = tl.load(token_max_ptr + at, mask=inside, other=0.0).to(tl.float32)
+        valid = inside
+        if HAS_VALID:
+            valid = valid & (tl.load(valid_ptr + at, mask=inside, other=0) != 0)
+        spikes = offsets < 0  # all False
+        if MEDIAN:
+            # torch's median of an even count is the lower middle value
+            ordered = tl.sort(tl.where(valid, values, float("inf")))
+            count = tl.sum(valid.to(tl.int32), axis=0)
+            middle = (count - 1) // 2
+            median = tl.sum(tl.where(offsets == middle, ordered, 0.0), axis=0)
+            spikes = (values > ratio * median) & (count >= MIN_TOKENS)
+        if HAS_THRESHOLD:
+            spikes = spikes | (values > tl.load(threshold_ptr))
+        spikes = spikes & valid
+        if HAS_ALSO:
+            spikes = spikes | (tl.load(also_ptr + at, mask=inside, other=0) != 0)
+        tl.store(rows_ptr + at, spikes.to(tl.int8), mask=inside)
+        if RECORD:
+            seen = tl.load(record_ptr + at, mask=inside, other=0) != 0
+            tl.store(record_ptr + at, (seen | spikes).to(tl.int8), mask=inside)
+
+    @triton.jit
+    def _detect_rows_kernel(
+        x_ptr,
+        valid_ptr,
+        threshold_ptr,
+        also_ptr,
+        rows_ptr,
+        record_ptr,
+        N: tl.constexpr,
+        HAS_VALID: tl.constexpr,
+        HAS_ALSO: tl.constexpr,
+        RECORD: tl.constexpr,
+        ZERO: tl.constexpr,
+        BLOCK: tl.constexpr,
+    ):
+        # one program per row: max |x|, the threshold test, and the row zeroed
+        # in place where it is a spike row (the down_proj input)
+        row = tl.program_id(0).to(tl.int64)
+        peak = tl.zeros([BLOCK], dtype=tl.float32)
+        for start in range(0, N, BLOCK):
+            cols = start + tl.arange(0, BLOCK)
+            x = tl.load(x_ptr + row * N + cols, mask=cols < N, other=0.0)
+            peak = tl.maximum(peak, tl.abs(x.to(tl.float32)))
+        flagged = tl.max(peak, axis=0) > tl.load(threshold_ptr)
+        if HAS_VALID:
+            flagged = flagged & (tl.load(valid_ptr + row) != 0)
+        if HAS_ALSO:
+            flagged = flagged | (tl.load(also_ptr + row) != 0)
+        tl.store(rows_ptr + row, flagged.to(tl.int8))
+        if RECORD:
+            seen = tl.load(record_ptr + row) != 0
+            tl.store(record_ptr + row, (seen | flagged).to(tl.int8))
+        if ZERO:
+            zeros = tl.zeros([BLOCK], dtype=x_ptr.dtype.element_ty)
+            spread = (tl.zeros([BLOCK], dtype=tl.int32) + flagged.to(tl.int32)) != 0
+            for start in range(0, N, BLOCK):
+                cols = start + tl.arange(0, BLOCK)
+                tl.store(x_ptr + row * N + cols, zeros, mask=(cols < N) & spread)
+
+
+def decide_rows(
+    token_max: torch.Tensor,
+    ratio: float,
+    valid: torch.Tensor | None = None,
+    threshold: torch.Tensor | None = None,
+    also: torch.Tensor | None = None,
+    record: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """``spike_token_mask(token_max, ratio, valid, threshold) | also``, in one launch.
+
+    :param token_max: (batch, tokens) per-token max |x|, any float dtype, contiguous
+    :param ratio: spike ratio to the median token max of a sequence
+    :param valid: optional bool (batch, tokens) real-token mask
+    :param threshold: optional float32 scalar tensor on the same device
+    :param also: optional bool (batch, tokens) rows that are spike rows regardless
+    :param record: optional bool (batch, tokens) that the result is or-ed into, in
+        place (the runtime's rows handled in this forward)
+    :return: bool (batch, tokens)
+    """
+    batch, tokens = token_max.shape
+    rows = torch.empty(batch, tokens, dtype=torch.bool, device=token_max.device)
+    dummy = rows  # never read where its flag is off
+    _decide_rows_kernel[(batch,)](
+        token_max,
+        dummy if valid is None else int8_bytes(valid),
+        dummy if threshold is None else threshold,
+        dummy if also is None else int8_bytes(also),
+        int8_bytes(rows),
+        dummy if record is None else int8_bytes(record),
+        tokens,
+        float(ratio),
+        HAS_VALID=valid is not None,
+        MEDIAN=tokens >= MIN_TOKENS_FOR_MEDIAN,
+        HAS_THRESHOLD=threshold is not None,
+        HAS_ALSO=also is not None,
+        RECORD=record is not None,
+        MIN_TOKENS=MIN_TOKENS_FOR_MEDIAN,
+        BLOCK=triton.next_power_of_2(tokens),
+        num_warps=4 if tokens <= 2048 else 8,
+    )
+    return rows
+
+
+def detect_rows(
+    hidden: torch.Tensor,
+    threshold: torch.Tensor,
+    valid: torch.Tensor | None = None,
+    also: torch.Tensor | None = None,
+    record: torch.Tensor | None = None,
+    zero: bool = False,
+) -> torch.Tensor:
+    """For sequences too short for a median (decode steps): ``(max |x| >
+    threshold) & valid | also`` straight from the activations, in one launch, the
+    spike rows zeroed in place where ``zero``.
+
+    :param hidden: (batch, tokens, features) contiguous activations
+    :param threshold: float32 scalar tensor on the same device
+    :param valid: optional bool (batch, tokens) real-token mask
+    :param also: optional bool (batch, tokens) rows that are spike rows regardless
+    :param record: optional bool (batch, tokens) or-ed with the result in place
+    :param zero: set the spike rows of ``hidden`` to zero
+    :return: bool (batch, tokens)
+    """
+    batch, tokens, width = hidden.shape
+    rows = torch.empty(batch, tokens, dtype=torch.bool, device=hidden.device)
+    dummy = rows  # never read where its flag is off
+    _detect_rows_kernel[(batch * tokens,)](
+        hidden,
+        dummy if valid is None else int8_bytes(valid),
+        threshold,
+        dummy if also is None else int8_bytes(also),
+        int8_bytes(rows),
+        dummy if record is None else int8_bytes(record),
+        N=width,
+        HAS_VALID=valid is not None,
+        HAS_ALSO=also is not None,
+        RECORD=record is not None,
+        ZERO=zero,
+        BLOCK=1024,
+        num_warps=4,
+    )
+    return rows
+
+
+def row_detector(hidden: torch.Tensor):
+    """:func:`detect_rows` where it can run on ``hidden`` (a short sequence on
+    CUDA), else ``None``."""
+    if triton is None or hidden.dim() != 3 or not hidden.is_contiguous():
+        return None
+    if hidden.shape[1] >= MIN_TOKENS_FOR_MEDIAN:
+        return None
+    if hidden.device.type != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":
+        return None
+    if hidden.requires_grad and torch.is_grad_enabled():
+        return None
+    return detect_rows
+
+
+def row_decider(token_max: torch.Tensor):
+    """:func:`decide_rows` where it can run on ``token_max``, else ``None``."""
+    if triton is None or token_max.dim() != 2 or token_max.shape[-1] > MAX_TOKENS:
+        return None
+    if token_max.device.type != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":
+        return None
+    if not token_max.is_contiguous():
+        return None
+    return decide_rows
