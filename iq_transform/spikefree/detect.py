@@ -16,13 +16,19 @@ __all__ = ["MIN_TOKENS_FOR_MEDIAN", "token_max", "token_max_abs", "spike_token_m
 MIN_TOKENS_FOR_MEDIAN = 8
 
 
-def token_max(hidden: torch.Tensor) -> torch.Tensor:
-    """Per-token max |x| over channels, float32, of shape (..., tokens).
+def token_max(hidden: torch.Tensor, float32: bool = True) -> torch.Tensor:
+    """Per-token max |x| over channels, of shape (..., tokens).
 
     :param hidden: activations of shape (..., tokens, channels)
+    :param float32: return float32 (else ``hidden``'s dtype, exact all the same)
     """
-    # one pass, no |x| temporary
-    return torch.linalg.vector_norm(hidden.detach(), ord=float("inf"), dim=-1).float()
+    hidden = hidden.detach()
+    if hidden.device.type == "cpu":
+        # torch's CPU ``vector_norm(inf)`` is ~10x slower than this
+        values = hidden.abs().amax(dim=-1)
+    else:  # one pass, no |x| temporary
+        values = torch.linalg.vector_norm(hidden, ord=float("inf"), dim=-1)
+    return values.float() if float32 else values
 
 
 def token_max_abs(hidden: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

@@ -748,8 +748,7 @@ class SpikeFreeRuntime:
         if (detect := row_detector(hidden)) is not None:
             record = self._record(hidden)
             return detect(hidden, threshold, mask, also, record, zero)
-        values = hidden.detach() if torch.is_grad_enabled() else hidden
-        token_max = torch.linalg.vector_norm(values, ord=float("inf"), dim=-1)
+        token_max = detect_token_max(hidden, float32=False)
         if (decide := row_decider(token_max)) is not None:
             record = self._record(hidden)
             rows = decide(token_max, self.ratio, mask, threshold, also, record)
