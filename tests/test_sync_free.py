@@ -269,3 +269,32 @@ def test_the_short_sequence_kernel_detects_and_zeroes_what_the_torch_ops_do(dtyp
         assert expected.any() and torch.equal(seen.cpu(), record | expected)
         zeroed = hidden.masked_fill(expected.unsqueeze(-1), 0.0)
         assert torch.equal(written.cpu(), zeroed)
+
+
+def test_a_disabled_runtime_runs_the_plain_forward_and_keeps_its_device_copies(
+    calibrated, calibration
+):
+    model, _ = calibrated
+    ids = calibration[:2].to(DEVICE)
+    runtime = get_runtime(model)
+    layers = runtime.layers
+    with torch.no_grad():
+        enabled = model(input_ids=ids).logits
+        copies = [layer._resident for layer in layers]
+        runtime.enabled = False
+        try:
+            disabled = model(input_ids=ids).logits
+        finally:
+            runtime.enabled = True
+        again = model(input_ids=ids).logits
+        kept = [layer._resident for layer in layers]
+        assert all(a is b for a, b in zip(copies, kept, strict=True))
+        templates = [layer.templates for layer in layers]
+        for layer in layers:
+            layer.templates = None
+        removed = model(input_ids=ids).logits
+        for layer, layer_templates in zip(layers, templates, strict=True):
+            layer.templates = layer_templates
+    assert torch.equal(again, enabled)
+    assert torch.equal(disabled, removed)
+    assert not torch.equal(disabled, enabled)  # the planted spikes matter
