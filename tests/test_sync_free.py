@@ -40,18 +40,20 @@ def device_path(monkeypatch):
     monkeypatch.setattr(runtime_module, "HOST_INDEXED_DEVICES", set())
 
 
-def _syncs(model, **inputs) -> dict:
-    """Host-synchronizing ops the runtime adds to one forward: with its templates
-    installed, less those of the same forward without them (transformers' own
-    mask code reads a padding mask, for one)."""
+def _syncs(model, run=None, **inputs) -> dict:
+    """Host-synchronizing ops the runtime adds to one forward (``run``, or the
+    model on ``inputs``): with its templates installed, less those of the same
+    forward without them (transformers' own mask code reads a padding mask, for
+    one)."""
     runtime = get_runtime(model)
     templates = [layer.templates for layer in runtime.layers]
+    run = run or (lambda: model(**inputs))
     counts = {}
     with torch.no_grad():
         for installed in (False, True):
             for layer, layer_templates in zip(runtime.layers, templates, strict=True):
                 layer.templates = layer_templates if installed else None
-            counts[installed] = count_host_syncs(lambda: model(**inputs))
+            counts[installed] = count_host_syncs(run)
     return dict(counts[True] - counts[False])
 
 
@@ -141,15 +143,8 @@ def test_a_static_cache_decode_step_never_waits(calibrated, calibration):
             use_cache=True,
         ).logits
 
-    runtime = get_runtime(model)
-    templates = [layer.templates for layer in runtime.layers]
-    counts = {}
+    assert _syncs(model, step) == {}
     with torch.no_grad():
-        for installed in (False, True):
-            for layer, layer_templates in zip(runtime.layers, templates, strict=True):
-                layer.templates = layer_templates if installed else None
-            counts[installed] = count_host_syncs(step)
-        assert dict(counts[True] - counts[False]) == {}
         static = step()
         dynamic = model(input_ids=ids[:, :32], use_cache=True).past_key_values
         expected = model(input_ids=ids[:, 32:], past_key_values=dynamic).logits

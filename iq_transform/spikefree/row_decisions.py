@@ -19,12 +19,10 @@ ops.
 
 from __future__ import annotations
 
-import os
-
 import torch
 
 from iq_transform.spikefree.detect import MIN_TOKENS_FOR_MEDIAN
-from iq_transform.spikefree.row_writes import int8_bytes
+from iq_transform.spikefree.row_writes import int8_bytes, triton_runs_on
 
 __all__ = ["MAX_TOKENS", "decide_rows", "detect_rows", "row_decider", "row_detector"]
 
@@ -210,11 +208,9 @@ def detect_rows(
 def row_detector(hidden: torch.Tensor):
     """:func:`detect_rows` where it can run on ``hidden`` (a short sequence on
     CUDA), else ``None``."""
-    if triton is None or hidden.dim() != 3 or not hidden.is_contiguous():
+    if not triton_runs_on(hidden) or hidden.dim() != 3 or not hidden.is_contiguous():
         return None
     if hidden.shape[1] >= MIN_TOKENS_FOR_MEDIAN:
-        return None
-    if hidden.device.type != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":
         return None
     if hidden.requires_grad and torch.is_grad_enabled():
         return None
@@ -223,10 +219,8 @@ def row_detector(hidden: torch.Tensor):
 
 def row_decider(token_max: torch.Tensor):
     """:func:`decide_rows` where it can run on ``token_max``, else ``None``."""
-    if triton is None or token_max.dim() != 2 or token_max.shape[-1] > MAX_TOKENS:
+    if not triton_runs_on(token_max) or token_max.dim() != 2:
         return None
-    if token_max.device.type != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":
-        return None
-    if not token_max.is_contiguous():
+    if token_max.shape[-1] > MAX_TOKENS or not token_max.is_contiguous():
         return None
     return decide_rows

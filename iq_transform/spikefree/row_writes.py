@@ -15,7 +15,7 @@ import os
 
 import torch
 
-__all__ = ["int8_bytes", "row_writer", "write_rows"]
+__all__ = ["int8_bytes", "row_writer", "triton_runs_on", "write_rows"]
 
 try:
     import triton
@@ -87,10 +87,14 @@ def int8_bytes(mask: torch.Tensor) -> torch.Tensor:
     return (mask if mask.is_contiguous() else mask.contiguous()).view(torch.int8)
 
 
+def triton_runs_on(tensor: torch.Tensor) -> bool:
+    """Whether Triton is installed and runs kernels on ``tensor``: CUDA tensors,
+    and CPU ones in its interpreter (``TRITON_INTERPRET=1``)."""
+    if triton is None:
+        return False
+    return tensor.device.type == "cuda" or os.environ.get("TRITON_INTERPRET") == "1"
+
+
 def row_writer(output: torch.Tensor):
     """:func:`write_rows` where it can run on ``output``, else ``None``."""
-    if triton is None:
-        return None
-    if output.device.type != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":
-        return None
-    return write_rows
+    return write_rows if triton_runs_on(output) else None
