@@ -39,6 +39,10 @@ from iq_transform.evaluation.host_syncs import count_host_syncs
 from iq_transform.models import load_model
 
 
+# untimed runs of each variant first: the first timed row paid for clocks ramping up
+WARMUP_RUNS = 3
+
+
 def synchronize(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
@@ -78,9 +82,10 @@ def side_by_side(run, layers, templates, device, repeats: int) -> dict:
     """Median seconds with the runtime's templates removed and installed."""
     runs = {False: [], True: []}
     syncs, kernels = {}, {}
-    for installed in (False, True):  # warm-up, and the sync count
+    for installed in (False, True):  # warm-up (GPU clocks ramp), the sync count
         install(layers, templates, installed)
-        run()
+        for _ in range(WARMUP_RUNS):
+            run()
         syncs[installed] = sum(count_host_syncs(run).values())
         if device.type == "cuda":
             kernels[installed] = cuda_kernels(run)

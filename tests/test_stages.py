@@ -120,9 +120,7 @@ def test_weight_quantizers_keep_templates_and_insert_them(
 
     seen = {}
     q_proj = model.model.layers[3].self_attn.q_proj
-    handle = q_proj.register_forward_pre_hook(
-        lambda module, args: seen.setdefault("input", args[0].detach().clone())
-    )
+    handle = q_proj.register_forward_pre_hook(_keep_first(seen, "input"))
     try:
         quantized_logits = logits(model, prompts)
     finally:
@@ -133,6 +131,17 @@ def test_weight_quantizers_keep_templates_and_insert_them(
     torch.testing.assert_close(seen["input"][:, 0], expected.expand(len(prompts), -1))
     drift = (quantized_logits - reference_logits).abs().max()
     assert drift < 0.05 * reference_logits.abs().max()
+
+
+def _keep_first(seen: dict, key: str):
+    """A forward (pre-)hook that keeps its first tensor in ``seen[key]`` and
+    returns nothing, so it changes nothing."""
+
+    def hook(module, args, *output):
+        if key not in seen:
+            seen[key] = (output[0] if output else args[0]).detach().clone()
+
+    return hook
 
 
 @pytest.mark.parametrize("exact", [True, False], ids=["exact", "quantized"])
@@ -150,12 +159,8 @@ def test_template_rows_skip_static_activation_quantization(exact, calibration, p
     q_proj = model.model.layers[3].self_attn.q_proj
     seen = {}
     handles = [
-        q_proj.register_forward_pre_hook(
-            lambda module, args: seen.setdefault("input", args[0].detach().clone())
-        ),
-        q_proj.register_forward_hook(
-            lambda module, args, out: seen.setdefault("output", out.detach().clone())
-        ),
+        q_proj.register_forward_pre_hook(_keep_first(seen, "input")),
+        q_proj.register_forward_hook(_keep_first(seen, "output")),
     ]
     try:
         logits(model, prompts)
@@ -175,6 +180,38 @@ def test_template_rows_skip_static_activation_quantization(exact, calibration, p
     assert (quantized - unquantized).abs().max() > 0.1 * unquantized.abs().max()
     expected = unquantized if exact else quantized
     torch.testing.assert_close(seen["output"][:, 0], expected)
+
+
+def test_final_weights_give_their_template_rows_once(calibration, prompts, monkeypatch):
+    """After oneshot the weights are final: each exact-row linear computes its
+    template rows (a fake quantization of its whole weight) once, not at every
+    forward, and gives what the per-forward computation gives."""
+    from iq_transform.spikefree import exact_rows
+    from iq_transform.spikefree import runtime as runtime_module
+
+    model, tokenizer = load_model("tiny-planted")
+    stage = quantizer(
+        weight_args("int", 8),
+        activation_args("int", dynamic=False, observer="spikefree_minmax"),
+    )
+    apply_recipe(model, tokenizer, [SpikeFreeModifier(), stage], calibration)
+    calls = []
+    original = exact_rows.forward_quantize
+
+    def counted(*args, **kwargs):
+        calls.append(args[2])
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(exact_rows, "forward_quantize", counted)
+    first = logits(model, prompts)
+    once = len(calls)
+    second = logits(model, prompts)
+    assert once > 0 and len(calls) == once
+    monkeypatch.setattr(runtime_module, "frozen_weights", lambda module: False)
+    recomputed = logits(model, prompts)
+    assert len(calls) == 2 * once
+    assert torch.equal(first, second)
+    torch.testing.assert_close(first, recomputed)
 
 
 def test_spikefree_before_spinquant_is_a_clear_error(calibration):

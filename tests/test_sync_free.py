@@ -171,10 +171,10 @@ def test_the_row_kernel_path_computes_what_torch_where_does(
 ):
     model, _ = calibrated
     ids = calibration[:2].to(DEVICE)
-    monkeypatch.setattr(runtime_module, "KERNEL_DEVICES", {DEVICE})
     with torch.no_grad():
+        monkeypatch.setattr(runtime_module, "KERNEL_DEVICES", set())
         where = model(input_ids=ids).logits
-        monkeypatch.setattr(runtime_module, "KERNEL_MIN_ELEMENTS", 1)
+        monkeypatch.setattr(runtime_module, "KERNEL_DEVICES", {DEVICE})
         kernel = model(input_ids=ids).logits
     assert get_runtime(model).last_spike_tokens[:, 0].all()
     torch.testing.assert_close(kernel, where, rtol=0, atol=0)
@@ -293,3 +293,42 @@ def test_a_disabled_runtime_runs_the_plain_forward_and_keeps_its_device_copies(
     assert torch.equal(again, enabled)
     assert torch.equal(disabled, removed)
     assert not torch.equal(disabled, enabled)  # the planted spikes matter
+
+
+def test_the_launch_key_separates_what_triton_compiles_apart():
+    from iq_transform.spikefree.triton_launch import launch_key
+
+    data = torch.zeros(64)
+    aligned, misaligned = data[:32], data[1:33]  # 4-byte offset
+    key = launch_key(0, (aligned, 17), {"N": 32}, {"num_warps": 4})
+    assert key == launch_key(0, (data[4:36], 33), {"N": 32}, {"num_warps": 4})
+    assert key != launch_key(0, (misaligned, 17), {"N": 32}, {"num_warps": 4})
+    assert key != launch_key(0, (aligned.double(), 17), {"N": 32}, {"num_warps": 4})
+    for other in (1, 16, 2**40):  # Triton specializes these integers
+        assert key != launch_key(0, (aligned, other), {"N": 32}, {"num_warps": 4})
+    assert key != launch_key(0, (aligned, 17), {"N": 64}, {"num_warps": 4})
+    assert key != launch_key(0, (aligned, 17), {"N": 32}, {"num_warps": 8})
+    assert key != launch_key(1, (aligned, 17), {"N": 32}, {"num_warps": 4})
+
+
+@needs_row_kernel
+def test_direct_launches_write_what_the_first_launch_does():
+    """The second launch of a key is the direct one: misaligned views, widths and
+    dtypes each get their own compiled kernel and the same result."""
+    from iq_transform.spikefree.triton_launch import FastLaunch
+
+    generator = torch.Generator().manual_seed(1)
+    for dtype in (torch.float32, torch.bfloat16):
+        base = torch.randn(3 * 7 * 97 + 1, generator=generator).to(DEVICE, dtype)
+        for offset in (0, 1):
+            output = base[offset : offset + 3 * 7 * 97].view(3, 7, 97)
+            rows = (torch.rand(3, 7, generator=generator) < 0.4).to(DEVICE)
+            kinds = torch.randint(0, 2, (3, 7), generator=generator).to(DEVICE)
+            values = torch.randn(2, 97, generator=generator).to(DEVICE, dtype)
+            expected = torch.where(rows.unsqueeze(-1), values[kinds], output)
+            for _ in range(2):  # compile, then launch directly
+                written = row_writes.write_rows(output.clone(), rows, kinds, values)
+                assert torch.equal(written, expected)
+    with pytest.raises(ValueError, match="parameter order"):
+        launch = FastLaunch(row_writes._write_rows_kernel)
+        launch._check_order(5, {"BLOCK": 1024, "N": 97})

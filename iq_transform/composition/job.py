@@ -163,10 +163,10 @@ def run_quantize(config: QuantizeConfig, output_dir: Path) -> dict:
         ratios_after = linear_input_ratios(
             model, windows[:RATIO_WINDOWS], plan.prefix_ids, plan.unquantized
         )
-    fake_quantized = None
+    fake_quantized = fake_quantized_spikes = None
     if config.execute is not None:
         if config.eval.perplexity:
-            fake_quantized, _, _ = evaluate(
+            fake_quantized, _, fake_quantized_spikes = evaluate(
                 model, windows, progress=config.progress, prefix=plan.prefix_ids
             )
         if config.save_dir is not None:  # the checkpoint holds the float weights
@@ -215,6 +215,9 @@ def run_quantize(config: QuantizeConfig, output_dir: Path) -> dict:
         "spikefree_calibration_seconds": spikefree_seconds,
         "eval_seconds": eval_seconds,
         "spike_tokens_in_eval": spikes,
+        # where the executed model's perplexity departs from the fake-quantized
+        # one's, a different count says detection decided differently
+        "spike_tokens_in_eval_fake_quantized": fake_quantized_spikes,
         "prefix_ids": plan.prefix_ids,
         "unquantized": plan.unquantized,
         "spike_ratio_before": ratios_before,

@@ -24,6 +24,7 @@ from loguru import logger
 from torch import nn
 
 from iq_transform.models.offload import move_model
+from iq_transform.spikefree.exact_rows import through_pre_hooks
 from iq_transform.spikefree.runtime import get_runtime
 
 __all__ = [
@@ -164,15 +165,6 @@ def _weight_codes(module: nn.Linear) -> tuple[torch.Tensor, torch.Tensor]:
     return codes.contiguous(), scale.reshape(-1).expand(codes.shape[0]).contiguous()
 
 
-def _through_pre_hooks(module: nn.Module, inputs: torch.Tensor) -> torch.Tensor:
-    """``inputs`` as the module's forward receives them (e.g. QuIP-rotated)."""
-    for hook in module._forward_pre_hooks.values():
-        result = hook(module, (inputs,))
-        if result is not None:
-            inputs = result[0] if isinstance(result, tuple) else result
-    return inputs
-
-
 def _template_outputs(
     model: nn.Module, weights: dict[nn.Module, tuple[torch.Tensor, torch.Tensor]]
 ) -> dict[nn.Module, torch.Tensor]:
@@ -198,7 +190,7 @@ def _template_outputs(
                 if linear not in weights:
                     continue
                 codes, scale = weights[linear]
-                inputs = _through_pre_hooks(linear, rows).float()
+                inputs = through_pre_hooks(linear, rows).float()
                 bias = None if linear.bias is None else linear.bias.float()
                 dequantized = codes.float() * scale.unsqueeze(-1)
                 outputs[linear] = nn.functional.linear(inputs, dequantized, bias)

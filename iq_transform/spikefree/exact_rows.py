@@ -14,7 +14,24 @@ from compressed_tensors.quantization import QuantizationStatus
 from compressed_tensors.quantization.lifecycle import forward_quantize
 from torch import nn
 
-__all__ = ["linear_with_unquantized_input"]
+__all__ = ["frozen_weights", "linear_with_unquantized_input", "through_pre_hooks"]
+
+
+def through_pre_hooks(module: nn.Module, inputs: torch.Tensor) -> torch.Tensor:
+    """``inputs`` as ``module``'s forward receives them (e.g. QuIP-rotated)."""
+    for hook in module._forward_pre_hooks.values():
+        result = hook(module, (inputs,))
+        if result is not None:
+            inputs = result[0] if isinstance(result, tuple) else result
+    return inputs
+
+
+def frozen_weights(module: nn.Module) -> bool:
+    """Whether ``module``'s weights and their quantization are final: after
+    ``oneshot`` (compressed-tensors' FROZEN status), when no calibration hook is
+    left among its pre-hooks and its fake-quantized weight no longer changes."""
+    status = getattr(module, "quantization_status", None)
+    return status == QuantizationStatus.FROZEN
 
 
 def linear_with_unquantized_input(

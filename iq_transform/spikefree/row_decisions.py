@@ -23,6 +23,7 @@ import torch
 
 from iq_transform.spikefree.detect import MIN_TOKENS_FOR_MEDIAN
 from iq_transform.spikefree.row_writes import int8_bytes, triton_runs_on
+from iq_transform.spikefree.triton_launch import FastLaunch
 
 __all__ = ["MAX_TOKENS", "decide_rows", "detect_rows", "row_decider", "row_detector"]
 
@@ -34,6 +35,8 @@ except ImportError:  # CPU-only installs
 
 # one program sorts its sequence in registers: longer sequences take the torch ops
 MAX_TOKENS = 16384
+# widest row a decode step's detection loads at once
+DETECT_BLOCK = 16384
 
 if triton is not None:
 
@@ -120,6 +123,9 @@ if triton is not None:
                 cols = start + tl.arange(0, BLOCK)
                 tl.store(x_ptr + row * N + cols, zeros, mask=(cols < N) & spread)
 
+    _DECIDE_ROWS = FastLaunch(_decide_rows_kernel)
+    _DETECT_ROWS = FastLaunch(_detect_rows_kernel)
+
 
 def decide_rows(
     token_max: torch.Tensor,
@@ -143,22 +149,27 @@ def decide_rows(
     batch, tokens = token_max.shape
     rows = torch.empty(batch, tokens, dtype=torch.bool, device=token_max.device)
     dummy = rows  # never read where its flag is off
-    _decide_rows_kernel[(batch,)](
-        token_max,
-        dummy if valid is None else int8_bytes(valid),
-        dummy if threshold is None else threshold,
-        dummy if also is None else int8_bytes(also),
-        int8_bytes(rows),
-        dummy if record is None else int8_bytes(record),
-        tokens,
-        float(ratio),
-        HAS_VALID=valid is not None,
-        MEDIAN=tokens >= MIN_TOKENS_FOR_MEDIAN,
-        HAS_THRESHOLD=threshold is not None,
-        HAS_ALSO=also is not None,
-        RECORD=record is not None,
-        MIN_TOKENS=MIN_TOKENS_FOR_MEDIAN,
-        BLOCK=triton.next_power_of_2(tokens),
+    _DECIDE_ROWS(
+        (batch,),
+        (
+            token_max,
+            dummy if valid is None else int8_bytes(valid),
+            dummy if threshold is None else threshold,
+            dummy if also is None else int8_bytes(also),
+            int8_bytes(rows),
+            dummy if record is None else int8_bytes(record),
+            tokens,
+            float(ratio),
+        ),
+        {
+            "HAS_VALID": valid is not None,
+            "MEDIAN": tokens >= MIN_TOKENS_FOR_MEDIAN,
+            "HAS_THRESHOLD": threshold is not None,
+            "HAS_ALSO": also is not None,
+            "RECORD": record is not None,
+            "MIN_TOKENS": MIN_TOKENS_FOR_MEDIAN,
+            "BLOCK": triton.next_power_of_2(tokens),
+        },
         num_warps=4 if tokens <= 2048 else 8,
     )
     return rows
@@ -187,20 +198,28 @@ def detect_rows(
     batch, tokens, width = hidden.shape
     rows = torch.empty(batch, tokens, dtype=torch.bool, device=hidden.device)
     dummy = rows  # never read where its flag is off
-    _detect_rows_kernel[(batch * tokens,)](
-        hidden,
-        dummy if valid is None else int8_bytes(valid),
-        threshold,
-        dummy if also is None else int8_bytes(also),
-        int8_bytes(rows),
-        dummy if record is None else int8_bytes(record),
-        N=width,
-        HAS_VALID=valid is not None,
-        HAS_ALSO=also is not None,
-        RECORD=record is not None,
-        ZERO=zero,
-        BLOCK=1024,
-        num_warps=4,
+    # the whole row in one block where it fits: a decode step is latency-bound,
+    # and one wide load keeps every read of the row in flight at once
+    block = min(triton.next_power_of_2(width), DETECT_BLOCK)
+    _DETECT_ROWS(
+        (batch * tokens,),
+        (
+            hidden,
+            dummy if valid is None else int8_bytes(valid),
+            threshold,
+            dummy if also is None else int8_bytes(also),
+            int8_bytes(rows),
+            dummy if record is None else int8_bytes(record),
+        ),
+        {
+            "N": width,
+            "HAS_VALID": valid is not None,
+            "HAS_ALSO": also is not None,
+            "RECORD": record is not None,
+            "ZERO": zero,
+            "BLOCK": block,
+        },
+        num_warps=4 if block <= 4096 else (8 if block <= 8192 else 16),
     )
     return rows
 

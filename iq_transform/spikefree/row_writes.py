@@ -15,6 +15,8 @@ import os
 
 import torch
 
+from iq_transform.spikefree.triton_launch import FastLaunch
+
 __all__ = ["int8_bytes", "row_writer", "triton_runs_on", "write_rows"]
 
 try:
@@ -51,6 +53,8 @@ if triton is not None:
                 mask=mask,
             )
 
+    _WRITE_ROWS = FastLaunch(_write_rows_kernel)
+
 
 def write_rows(
     output: torch.Tensor,
@@ -69,14 +73,16 @@ def write_rows(
     if values.dtype != output.dtype or not values.is_contiguous():
         values = values.to(output.dtype).contiguous()
     # each dispatch costs host time on the hot path: views only where needed
-    _write_rows_kernel[(rows.numel(),)](
-        output,
-        int8_bytes(rows),
-        kinds if kinds.is_contiguous() else kinds.contiguous(),
-        values,
-        width,  # ``output`` is contiguous: a row starts every ``width`` elements
-        N=width,  # a constant: one compilation per width
-        BLOCK=BLOCK,
+    _WRITE_ROWS(
+        (rows.numel(),),
+        (
+            output,
+            int8_bytes(rows),
+            kinds if kinds.is_contiguous() else kinds.contiguous(),
+            values,
+            width,  # ``output`` is contiguous: a row starts every ``width`` elements
+        ),
+        {"N": width, "BLOCK": BLOCK},  # constants: one compilation per width
         num_warps=4,
     )
     return output

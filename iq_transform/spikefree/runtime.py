@@ -43,7 +43,11 @@ from iq_transform.models.arch import ArchSpec
 from iq_transform.spikefree.detect import spike_token_mask
 from iq_transform.spikefree.detect import token_max as detect_token_max
 from iq_transform.spikefree.distributed import reduce_statistics
-from iq_transform.spikefree.exact_rows import linear_with_unquantized_input
+from iq_transform.spikefree.exact_rows import (
+    frozen_weights,
+    linear_with_unquantized_input,
+    through_pre_hooks,
+)
 from iq_transform.spikefree.row_decisions import row_decider, row_detector
 from iq_transform.spikefree.row_writes import row_writer
 from iq_transform.spikefree.rows import set_excluded_rows
@@ -103,12 +107,14 @@ def _indexed(tensor: torch.Tensor) -> bool:
     return tensor.device.type in HOST_INDEXED_DEVICES
 
 
-# Outputs at least this large, on these devices, get their spike rows written in
+# Outputs on these devices, at least this large, get their spike rows written in
 # place by one Triton launch that moves only those rows
-# (:mod:`iq_transform.spikefree.row_writes`); ``torch.where`` reads and writes every
-# row, which costs more than a launch there.
+# (:mod:`iq_transform.spikefree.row_writes`). ``torch.where`` reads and writes every
+# row, and its two ops cost more host time than that launch does (20-30 us against
+# ~8 us on the H200's host, :mod:`~iq_transform.spikefree.triton_launch`), so even
+# a decode step's rows take the kernel.
 KERNEL_DEVICES = {"cuda"}
-KERNEL_MIN_ELEMENTS = 1 << 20
+KERNEL_MIN_ELEMENTS = 1
 _ZEROS: dict[tuple, torch.Tensor] = {}
 
 
@@ -281,6 +287,8 @@ class LayerRuntime:
         self._resident: LayerTemplates | None = None
         # per norm: (key, template rows scaled by the norm's weight, in its dtype)
         self._norm_values: dict[str, tuple[tuple, torch.Tensor]] = {}
+        # per linear with final weights: (key, norm rows, exact template outputs)
+        self._frozen_outputs: dict[int, tuple] = {}
         self.statistics: LayerStatistics | None = None
         self.current: _Forward | None = None
         self._norm_handles: dict[int, torch.utils.hooks.RemovableHandle] = {}
@@ -303,7 +311,7 @@ class LayerRuntime:
     @templates.setter
     def templates(self, templates: LayerTemplates | None) -> None:
         self._templates, self._resident = templates, None
-        self._norm_values = {}
+        self._norm_values, self._frozen_outputs = {}, {}
 
     def resident_templates(self, device: torch.device) -> LayerTemplates:
         """The templates on ``device``, copied there once (not at every insertion)."""
@@ -471,14 +479,39 @@ class LayerRuntime:
                 return None
             if feeds_down_proj and templates.down_template is not None:
                 return None  # carrier rows are zeroed before down_proj anyway
-            return insert_templates(
-                output,
-                state.carriers,
-                state.kinds,
-                template_row_outputs(module, args[0], state.kind_rows),
-            )
+            precomputed = getattr(module, "template_outputs", None)
+            if precomputed is None and frozen_weights(module):
+                outputs = self._frozen_template_outputs(norm_name, module, args[0])
+            else:
+                outputs = template_row_outputs(module, args[0], state.kind_rows)
+            return insert_templates(output, state.carriers, state.kinds, outputs)
 
         return after_linear
+
+    def _frozen_template_outputs(
+        self, norm_name: str, linear: nn.Module, inputs: torch.Tensor
+    ) -> torch.Tensor:
+        """(kinds, out) exact outputs of a linear whose weights are final, computed
+        once from the templates (through its input rotation) instead of at every
+        forward: each computation fake-quantizes the whole weight again, which
+        doubled a fake-quantized model's forward at 8B widths. The linear's forward
+        pre-hooks run on the template rows then, as its forward would run them.
+        Recomputed when the weight, its quantization parameters or the norm's
+        template rows change."""
+        norm = self.layer.get_submodule(norm_name)
+        values = self._scaled_norm_template(norm_name, norm, inputs)
+        key = (
+            _version(linear.weight),
+            _version(getattr(linear, "weight_scale", None)),
+            _version(getattr(linear, "weight_zero_point", None)),
+        )
+        cached = self._frozen_outputs.get(id(linear))
+        if cached is not None and cached[0] == key and cached[1] is values:
+            return cached[2]
+        rows = through_pre_hooks(linear, values)
+        outputs = linear_with_unquantized_input(linear, rows)
+        self._frozen_outputs[id(linear)] = (key, values, outputs)
+        return outputs
 
     def _hook_down_proj(self) -> None:
         """Hooks on the MLP's output projection itself, so any MLP layout works:

@@ -1,0 +1,112 @@
+"""Triton launches that cost a few microseconds of host time.
+
+``kernel[grid](...)`` binds and specializes every argument and looks the compiled
+kernel up on each call: 15-30 us of Python on the H200's host (measured), longer
+than the runtime's row kernels take on the GPU, and what a host-bound forward (a
+decode step, one 2048-token sequence) pays per launch. The runtime launches the
+same few kernels with the same dtypes and constants at every layer, so
+:class:`FastLaunch` keeps each compiled kernel under the key Triton itself
+specializes on (tensor dtypes and 16-byte alignment, integers equal to 1 or
+divisible by 16, the constants and launch options, the device) and launches it
+directly: ~8 us. The first call with a new key goes through ``kernel[grid]``,
+which compiles; Triton's interpreter (``TRITON_INTERPRET=1``) always does.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+
+__all__ = ["FastLaunch", "launch_key"]
+
+try:
+    from triton import knobs
+    from triton.compiler import CompiledKernel
+except ImportError:  # CPU-only installs, or a Triton without these
+    knobs = CompiledKernel = None
+
+_INT32 = range(-(2**31), 2**31)
+
+
+def _argument_key(value) -> tuple:
+    """What Triton specializes one argument on (``native_specialize_impl``)."""
+    if isinstance(value, torch.Tensor):
+        return (value.dtype, value.data_ptr() % 16 == 0)
+    if isinstance(value, bool):
+        return ("bool", value)
+    if isinstance(value, int):
+        return ("int", value == 1, value % 16 == 0, value in _INT32)
+    if isinstance(value, float):
+        return ("float",)
+    return ("other", value)
+
+
+def launch_key(device: int, args: Sequence, constants: dict, options: dict) -> tuple:
+    """The compiled kernel a launch needs: equal keys, the same compiled kernel."""
+    return (
+        device,
+        tuple(map(_argument_key, args)),
+        tuple(constants.items()),
+        tuple(options.items()),
+    )
+
+
+class FastLaunch:
+    """``kernel[grid](*args, **constants, **options)`` with the compiled kernel kept.
+
+    :param kernel: a ``@triton.jit`` function whose parameters are the ``args``
+        (tensors and scalars) followed by the ``constants`` (``tl.constexpr``)
+    """
+
+    def __init__(self, kernel):
+        self.kernel = kernel
+        self._compiled: dict[tuple, object] = {}
+
+    def _check_order(self, leading: int, constants: dict) -> None:
+        """The direct launch passes ``constants`` positionally: in parameter order."""
+        names = tuple(getattr(self.kernel, "arg_names", ()))[leading:]
+        if names and tuple(constants) != names:
+            raise ValueError(
+                f"constants {tuple(constants)} must be given in the kernel's "
+                f"parameter order {names}"
+            )
+
+    def __call__(
+        self, grid: tuple[int, ...], args: Sequence, constants: dict, **options
+    ) -> None:
+        """Launch on ``args``' device, on its current stream.
+
+        :param grid: one to three program counts
+        :param args: the kernel's leading parameters, in order
+        :param constants: its ``tl.constexpr`` parameters, by name
+        :param options: launch options (``num_warps``)
+        """
+        if args[0].device.type != "cuda" or CompiledKernel is None:
+            self.kernel[grid](*args, **constants, **options)  # e.g. the interpreter
+            return
+        # Triton launches on the current device, as ``kernel[grid]`` does
+        device = torch._C._cuda_getDevice()
+        key = launch_key(device, args, constants, options)
+        compiled = self._compiled.get(key)
+        if compiled is None:
+            self._check_order(len(args), constants)
+            compiled = self.kernel[grid](*args, **constants, **options)
+            if isinstance(compiled, CompiledKernel):
+                self._compiled[key] = compiled
+            return
+        # Triton's own launch passes every parameter, constants included, in order
+        values = (*args, *constants.values())
+        stream = torch._C._cuda_getCurrentRawStream(device)
+        compiled.run(
+            grid[0],
+            grid[1] if len(grid) > 1 else 1,
+            grid[2] if len(grid) > 2 else 1,
+            stream,
+            compiled.function,
+            compiled.packed_metadata,
+            compiled.launch_metadata(grid, stream, *values),
+            knobs.runtime.launch_enter_hook,
+            knobs.runtime.launch_exit_hook,
+            *values,
+        )
