@@ -312,11 +312,13 @@ def test_the_launch_key_separates_what_triton_compiles_apart():
 
 
 @needs_row_kernel
-def test_direct_launches_write_what_the_first_launch_does():
+def test_direct_launches_write_what_the_first_launch_does(monkeypatch):
     """The second launch of a key is the direct one: misaligned views, widths and
     dtypes each get their own compiled kernel and the same result."""
     from iq_transform.spikefree.triton_launch import FastLaunch
 
+    launch = FastLaunch(row_writes._write_rows_kernel)
+    monkeypatch.setattr(row_writes, "_WRITE_ROWS", launch)
     generator = torch.Generator().manual_seed(1)
     for dtype in (torch.float32, torch.bfloat16):
         base = torch.randn(3 * 7 * 97 + 1, generator=generator).to(DEVICE, dtype)
@@ -329,6 +331,8 @@ def test_direct_launches_write_what_the_first_launch_does():
             for _ in range(2):  # compile, then launch directly
                 written = row_writes.write_rows(output.clone(), rows, kinds, values)
                 assert torch.equal(written, expected)
+    if DEVICE == "cuda":  # one compiled kernel per dtype and alignment
+        assert launch.compiled_kernels == 4
     with pytest.raises(ValueError, match="parameter order"):
         launch = FastLaunch(row_writes._write_rows_kernel)
         launch._check_order(5, {"BLOCK": 1024, "N": 97})

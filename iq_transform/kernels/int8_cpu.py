@@ -250,8 +250,10 @@ def to_int8_cpu(model: nn.Module, dtype: torch.dtype = torch.float32) -> nn.Modu
             f"{len(refusals)} of {len(quantized)} quantized Linears cannot run in "
             f"int8 CPU kernels ({shown}). Executable: {EXECUTABLE}."
         )
+    # any parameter: a checkpoint loaded on a GPU can hold its compressed linears
+    # on the CPU and its norms on the GPU
     off_cpu = [
-        (n, m.weight.device) for n, m in quantized if m.weight.device.type != "cpu"
+        (n, p.device) for n, p in model.named_parameters() if p.device.type != "cpu"
     ]
     if off_cpu:
         # the kernels are the CPU's; a model that oneshot left on a GPU is dispatched
