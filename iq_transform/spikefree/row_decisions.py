@@ -22,7 +22,7 @@ from __future__ import annotations
 import torch
 
 from iq_transform.spikefree.detect import MIN_TOKENS_FOR_MEDIAN
-from iq_transform.spikefree.row_writes import int8_bytes, triton_runs_on
+from iq_transform.spikefree.row_writes import int8_bytes, row_block, triton_runs_on
 from iq_transform.spikefree.triton_launch import FastLaunch
 
 __all__ = ["MAX_TOKENS", "decide_rows", "detect_rows", "row_decider", "row_detector"]
@@ -35,8 +35,6 @@ except ImportError:  # CPU-only installs
 
 # one program sorts its sequence in registers: longer sequences take the torch ops
 MAX_TOKENS = 16384
-# widest row a decode step's detection loads at once
-DETECT_BLOCK = 16384
 
 if triton is not None:
 
@@ -198,9 +196,7 @@ def detect_rows(
     batch, tokens, width = hidden.shape
     rows = torch.empty(batch, tokens, dtype=torch.bool, device=hidden.device)
     dummy = rows  # never read where its flag is off
-    # the whole row in one block where it fits: a decode step is latency-bound,
-    # and one wide load keeps every read of the row in flight at once
-    block = min(triton.next_power_of_2(width), DETECT_BLOCK)
+    block, warps = row_block(width)
     _DETECT_ROWS(
         (batch * tokens,),
         (
@@ -219,7 +215,7 @@ def detect_rows(
             "ZERO": zero,
             "BLOCK": block,
         },
-        num_warps=4 if block <= 4096 else (8 if block <= 8192 else 16),
+        num_warps=warps,
     )
     return rows
 

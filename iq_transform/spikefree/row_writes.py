@@ -17,7 +17,7 @@ import torch
 
 from iq_transform.spikefree.triton_launch import FastLaunch
 
-__all__ = ["int8_bytes", "row_writer", "triton_runs_on", "write_rows"]
+__all__ = ["int8_bytes", "row_block", "row_writer", "triton_runs_on", "write_rows"]
 
 try:
     import triton
@@ -25,7 +25,8 @@ try:
 except ImportError:  # CPU-only installs
     triton = None
 
-BLOCK = 1024
+# widest row one program writes in one block (wider rows loop)
+MAX_BLOCK = 16384
 
 if triton is not None:
 
@@ -72,6 +73,7 @@ def write_rows(
     width = output.shape[-1]
     if values.dtype != output.dtype or not values.is_contiguous():
         values = values.to(output.dtype).contiguous()
+    block, warps = row_block(width)
     # each dispatch costs host time on the hot path: views only where needed
     _WRITE_ROWS(
         (rows.numel(),),
@@ -82,10 +84,18 @@ def write_rows(
             values,
             width,  # ``output`` is contiguous: a row starts every ``width`` elements
         ),
-        {"N": width, "BLOCK": BLOCK},  # constants: one compilation per width
-        num_warps=4,
+        {"N": width, "BLOCK": block},  # constants: one compilation per width
+        num_warps=warps,
     )
     return output
+
+
+def row_block(width: int) -> tuple[int, int]:
+    """Block size and warps of a program that handles one row of ``width``: the
+    whole row in one block where it fits, so its loads are all in flight at once
+    (a decode step waits on these kernels' latency, not their bandwidth)."""
+    block = min(triton.next_power_of_2(width), MAX_BLOCK)
+    return block, 4 if block <= 4096 else (8 if block <= 8192 else 16)
 
 
 def int8_bytes(mask: torch.Tensor) -> torch.Tensor:
