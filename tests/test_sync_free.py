@@ -266,6 +266,55 @@ def test_the_short_sequence_kernel_detects_and_zeroes_what_the_torch_ops_do(dtyp
         assert torch.equal(written.cpu(), zeroed)
 
 
+@needs_row_kernel
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_the_short_sequence_kernel_writes_the_rows_it_detects_elsewhere(dtype):
+    """A decode step's detection at the layer input writes the first norm's
+    template rows into the norm's output in the same pass."""
+    generator = torch.Generator().manual_seed(2)
+    hidden = torch.randn(3, 2, 300, generator=generator).to(dtype)
+    hidden[1, 0, 5] = 80.0
+    output = torch.randn(3, 2, 300, generator=generator).to(dtype)
+    kinds = torch.tensor([[0, 1], [1, 1], [0, 1]])
+    values = torch.randn(2, 300, generator=generator).to(dtype)
+    threshold = torch.tensor(20.0)
+    expected = hidden.float().abs().amax(-1) > threshold
+    on = dict(device=DEVICE)
+    written = output.to(**on)
+    rows = row_decisions.detect_rows(
+        hidden.to(**on),
+        threshold.to(**on),
+        write=(written, kinds.to(**on), values.to(**on)),
+    )
+    assert torch.equal(rows.cpu(), expected) and expected.sum() == 1
+    filled = torch.where(expected.unsqueeze(-1), values[kinds], output)
+    assert torch.equal(written.cpu(), filled)
+
+
+@needs_row_kernel
+def test_a_decode_step_detected_in_the_norm_pass_computes_what_two_passes_do(
+    calibrated, calibration, monkeypatch
+):
+    model, _ = calibrated
+    prompt = calibration[:1, :40].to(DEVICE)
+    fused = []
+    original = runtime_module._fuses_detection
+    monkeypatch.setattr(
+        runtime_module,
+        "_fuses_detection",
+        lambda *args: fused.append(original(*args)) or fused[-1],
+    )
+    with torch.no_grad():
+        cache = model(input_ids=prompt[:, :-1], use_cache=True).past_key_values
+        step = model(input_ids=prompt[:, -1:], past_key_values=cache).logits
+        assert fused and all(fused)  # every templated layer took the one pass
+        cache.crop(prompt.shape[1] - 1)
+        monkeypatch.setattr(runtime_module, "_fuses_detection", lambda *args: False)
+        separate = model(input_ids=prompt[:, -1:], past_key_values=cache).logits
+    torch.testing.assert_close(step, separate, rtol=0, atol=0)
+    assert _syncs(model, input_ids=prompt[:, -1:], past_key_values=cache) == {}
+
+
 def test_a_disabled_runtime_runs_the_plain_forward_and_keeps_its_device_copies(
     calibrated, calibration
 ):

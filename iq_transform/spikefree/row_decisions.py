@@ -90,15 +90,20 @@ if triton is not None:
         also_ptr,
         rows_ptr,
         record_ptr,
+        out_ptr,
+        kinds_ptr,
+        values_ptr,
         N: tl.constexpr,
         HAS_VALID: tl.constexpr,
         HAS_ALSO: tl.constexpr,
         RECORD: tl.constexpr,
         ZERO: tl.constexpr,
+        WRITE: tl.constexpr,
         BLOCK: tl.constexpr,
     ):
         # one program per row: max |x|, the threshold test, and the row zeroed
-        # in place where it is a spike row (the down_proj input)
+        # in place where it is a spike row (the down_proj input), or its kind's
+        # values written into the same row of another tensor (the norm's output)
         row = tl.program_id(0).to(tl.int64)
         peak = tl.zeros([BLOCK], dtype=tl.float32)
         for start in range(0, N, BLOCK):
@@ -120,6 +125,18 @@ if triton is not None:
             for start in range(0, N, BLOCK):
                 cols = start + tl.arange(0, BLOCK)
                 tl.store(x_ptr + row * N + cols, zeros, mask=(cols < N) & spread)
+        if WRITE:
+            kind = tl.load(kinds_ptr + row).to(tl.int64)
+            spread = (tl.zeros([BLOCK], dtype=tl.int32) + flagged.to(tl.int32)) != 0
+            for start in range(0, N, BLOCK):
+                cols = start + tl.arange(0, BLOCK)
+                keep = (cols < N) & spread
+                values = tl.load(values_ptr + kind * N + cols, mask=keep)
+                tl.store(
+                    out_ptr + row * N + cols,
+                    values.to(out_ptr.dtype.element_ty),
+                    mask=keep,
+                )
 
     _DECIDE_ROWS = FastLaunch(_decide_rows_kernel)
     _DETECT_ROWS = FastLaunch(_detect_rows_kernel)
@@ -180,10 +197,12 @@ def detect_rows(
     also: torch.Tensor | None = None,
     record: torch.Tensor | None = None,
     zero: bool = False,
+    write: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None,
 ) -> torch.Tensor:
     """For sequences too short for a median (decode steps): ``(max |x| >
     threshold) & valid | also`` straight from the activations, in one launch, the
-    spike rows zeroed in place where ``zero``.
+    spike rows zeroed in place where ``zero``, or ``write``'s values written into
+    them.
 
     :param hidden: (batch, tokens, features) contiguous activations
     :param threshold: float32 scalar tensor on the same device
@@ -191,6 +210,10 @@ def detect_rows(
     :param also: optional bool (batch, tokens) rows that are spike rows regardless
     :param record: optional bool (batch, tokens) or-ed with the result in place
     :param zero: set the spike rows of ``hidden`` to zero
+    :param write: ``(output, kinds, values)``: ``output[rows] =
+        values[kinds[rows]]`` in place, where ``output`` is contiguous and shaped
+        like ``hidden`` (a norm's output), ``kinds`` long (batch, tokens) and
+        ``values`` (kinds, features) in ``output``'s dtype
     :return: bool (batch, tokens)
     """
     batch, tokens, width = hidden.shape
@@ -206,6 +229,7 @@ def detect_rows(
             dummy if also is None else int8_bytes(also),
             int8_bytes(rows),
             dummy if record is None else int8_bytes(record),
+            *((hidden, dummy, dummy) if write is None else write),
         ),
         {
             "N": width,
@@ -213,6 +237,7 @@ def detect_rows(
             "HAS_ALSO": also is not None,
             "RECORD": record is not None,
             "ZERO": zero,
+            "WRITE": write is not None,
             "BLOCK": block,
         },
         num_warps=warps,

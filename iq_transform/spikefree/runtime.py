@@ -244,6 +244,22 @@ class _Forward:
     # False where the layer has no norm templates: ``carriers`` is all False
     has_carriers: bool = True
     _kind_rows: torch.Tensor | None = None
+    # ``(layer input, detect)`` while the carriers are not detected yet: a decode
+    # step's detection runs in the first norm's pass over the same rows
+    # (``detect(write)`` also writes the norm's template rows), or when first asked
+    pending: tuple | None = None
+
+    def rows(self) -> torch.Tensor:
+        """The carriers, detected now if they are still pending."""
+        if self.pending is not None:
+            self.resolve()
+        return self.carriers
+
+    def resolve(self, write: tuple | None = None) -> torch.Tensor:
+        _, detect = self.pending
+        self.pending = None
+        self.carriers = detect(write)
+        return self.carriers
 
     @property
     def kind_rows(self) -> torch.Tensor:
@@ -251,7 +267,7 @@ class _Forward:
         a kind hold the same template, so the exact-row linears compute one row a
         kind (computed when a linear first asks)."""
         if self._kind_rows is None:
-            self._kind_rows = _one_row_per_kind(self.carriers, self.kinds)
+            self._kind_rows = _one_row_per_kind(self.rows(), self.kinds)
         return self._kind_rows
 
 
@@ -374,12 +390,17 @@ class LayerRuntime:
         else:
             shared = self.runtime.tokens(batch, tokens, hidden.device, past)
             templates = self.resident_templates(hidden.device)
+            carriers, pending = shared.no_carriers, None
             if templates.norm_templates:
-                carriers = self.runtime.spike_rows(
-                    hidden, shared.mask, templates.residual_threshold
-                )
-            else:
-                carriers = shared.no_carriers
+                threshold = templates.residual_threshold
+                if not _indexed(hidden) and row_detector(hidden) is not None:
+                    pending = (
+                        hidden,
+                        self._carrier_detection(hidden, shared, threshold),
+                    )
+                    carriers = None
+                else:
+                    carriers = self.runtime.spike_rows(hidden, shared.mask, threshold)
             state = _Forward(
                 valid=shared.valid,
                 kinds=shared.kinds,
@@ -387,6 +408,7 @@ class LayerRuntime:
                 mask=shared.mask,
                 kind=shared.kind,
                 has_carriers=bool(templates.norm_templates),
+                pending=pending,
             )
         self.current = state
         if self.collecting:
@@ -394,6 +416,17 @@ class LayerRuntime:
         set_excluded_rows(state.carriers)
         self._hook_norms()
         self._order_down_proj_hooks()
+
+    def _carrier_detection(self, hidden, shared: _Tokens, threshold: torch.Tensor):
+        """The detection of a short sequence's carriers, for later: one pass over
+        the layer input that can also write the first norm's template rows."""
+
+        def detect(write: tuple | None) -> torch.Tensor:
+            rows = self.runtime.spike_rows(hidden, shared.mask, threshold, write=write)
+            set_excluded_rows(rows)
+            return rows
+
+        return detect
 
     def _after_layer(self, module, args, output):
         self.current = None
@@ -425,8 +458,11 @@ class LayerRuntime:
             values = self._scaled_norm_template(name, module, output)
             if values is None:
                 return None
+            if state.pending is not None and _fuses_detection(state, args[0], output):
+                state.resolve(write=(output, state.kinds, values))
+                return output
             return insert_templates(
-                output, state.carriers, state.kinds, values, kind=state.kind
+                output, state.rows(), state.kinds, values, kind=state.kind
             )
 
         return after_norm
@@ -484,7 +520,7 @@ class LayerRuntime:
                 outputs = self._frozen_template_outputs(norm_name, module, args[0])
             else:
                 outputs = template_row_outputs(module, args[0], state.kind_rows)
-            return insert_templates(output, state.carriers, state.kinds, outputs)
+            return insert_templates(output, state.rows(), state.kinds, outputs)
 
         return after_linear
 
@@ -553,7 +589,7 @@ class LayerRuntime:
             hidden,
             state.mask,
             templates.down_threshold,
-            also=state.carriers if state.has_carriers else None,
+            also=state.rows() if state.has_carriers else None,
             kinds=state.kinds,
             zero=True,
         )
@@ -591,6 +627,17 @@ class LayerRuntime:
             stats.add_rows(
                 stats.down_sums, stats.down_counts, output[rows], state.kinds[rows]
             )
+
+
+def _fuses_detection(state: _Forward, norm_input, output: torch.Tensor) -> bool:
+    """Whether the pending detection can run in this norm's insertion pass: the
+    norm reads the layer input itself, and its output can be written in place."""
+    return (
+        norm_input is state.pending[0]
+        and output.is_contiguous()
+        and output.shape == norm_input.shape
+        and not (output.requires_grad and torch.is_grad_enabled())
+    )
 
 
 def _one_row_per_kind(carriers: torch.Tensor, kinds: torch.Tensor) -> torch.Tensor:
@@ -760,10 +807,13 @@ class SpikeFreeRuntime:
         also: torch.Tensor | None = None,
         kinds: torch.Tensor | None = None,
         zero: bool = False,
+        write: tuple | None = None,
     ) -> torch.Tensor:
         """The spike rows of ``hidden`` at one site of the forward in flight (ratio
         to the median and ``threshold``, or-ed with ``also``), noted as handled;
-        with ``zero``, those rows of ``hidden`` (a fresh tensor) are set to zero.
+        with ``zero``, those rows of ``hidden`` (a fresh tensor) are set to zero;
+        with ``write``, ``(output, kinds, values)``, ``values[kinds]`` is written
+        into those rows of ``output`` (only where :func:`row_detector` runs).
 
         On a GPU this is one or two launches
         (:mod:`iq_transform.spikefree.row_decisions`): the per-token max and the
@@ -780,7 +830,9 @@ class SpikeFreeRuntime:
         """
         if (detect := row_detector(hidden)) is not None:
             record = self._record(hidden)
-            return detect(hidden, threshold, mask, also, record, zero)
+            return detect(hidden, threshold, mask, also, record, zero, write)
+        if write is not None:
+            raise ValueError("write= needs the short-sequence detection kernel")
         token_max = detect_token_max(hidden, float32=False)
         if (decide := row_decider(token_max)) is not None:
             record = self._record(hidden)
