@@ -38,7 +38,6 @@ from iq_transform.evaluation.data import TextSource, calibration_windows, load_d
 from iq_transform.evaluation.host_syncs import count_host_syncs
 from iq_transform.models import load_model
 
-
 # untimed runs of each variant first: the first timed row paid for clocks ramping up
 WARMUP_RUNS = 3
 

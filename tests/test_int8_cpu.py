@@ -182,8 +182,13 @@ def test_iq_quantize_evaluates_the_executed_model_beside_the_fake_quantized(
     results = json.loads(next(tmp_path.rglob("results.json")).read_text())
     assert results["execute"] == "int8_cpu"
     assert results["ppl"] == pytest.approx(results["ppl_fake_quantized"], rel=5e-3)
-    spikes = results["spike_tokens_in_eval"]
-    assert spikes == results["spike_tokens_in_eval_fake_quantized"] > 0
+    spikes, fake_spikes = (
+        results["spike_tokens_in_eval"],
+        results["spike_tokens_in_eval_fake_quantized"],
+    )
+    assert spikes > 0 and fake_spikes > 0
+    if not torch.cuda.is_available():  # both on the CPU: the same decisions
+        assert spikes == fake_spikes
     wrong = run_app("iq-quantize", *TINY_RUN, "execute=int4_npu", cwd=tmp_path)
     assert wrong.returncode == 1
     assert "execute='int4_npu' is not an execution path" in wrong.stderr

@@ -109,10 +109,10 @@ def _indexed(tensor: torch.Tensor) -> bool:
 
 # Outputs on these devices, at least this large, get their spike rows written in
 # place by one Triton launch that moves only those rows
-# (:mod:`iq_transform.spikefree.row_writes`). ``torch.where`` reads and writes every
-# row, and its two ops cost more host time than that launch does (20-30 us against
-# ~8 us on the H200's host, :mod:`~iq_transform.spikefree.triton_launch`), so even
-# a decode step's rows take the kernel.
+# (:mod:`iq_transform.spikefree.row_writes`); ``torch.where`` reads and writes every
+# row. On the H200's host either costs 13-35 us of host time per call
+# (``benchmarks/launch_costs.py``); the runtime overheads in the README were
+# measured with the kernel at every size, a decode step's rows included.
 KERNEL_DEVICES = {"cuda"}
 KERNEL_MIN_ELEMENTS = 1
 _ZEROS: dict[tuple, torch.Tensor] = {}

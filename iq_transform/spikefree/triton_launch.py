@@ -1,15 +1,20 @@
-"""Triton launches that cost a few microseconds of host time.
+"""Triton launches with the compiled kernel kept.
 
 ``kernel[grid](...)`` binds and specializes every argument and looks the compiled
-kernel up on each call: 15-30 us of Python on the H200's host (measured), longer
-than the runtime's row kernels take on the GPU, and what a host-bound forward (a
-decode step, one 2048-token sequence) pays per launch. The runtime launches the
-same few kernels with the same dtypes and constants at every layer, so
-:class:`FastLaunch` keeps each compiled kernel under the key Triton itself
-specializes on (tensor dtypes and 16-byte alignment, integers equal to 1 or
-divisible by 16, the constants and launch options, the device) and launches it
-directly: ~8 us. The first call with a new key goes through ``kernel[grid]``,
-which compiles; Triton's interpreter (``TRITON_INTERPRET=1``) always does.
+kernel up on each call. The runtime launches the same few kernels with the same
+dtypes and constants at every layer, so :class:`FastLaunch` keeps each compiled
+kernel under the key Triton itself specializes on (tensor dtypes and 16-byte
+alignment, integers equal to 1 or divisible by 16, the constants and launch
+options, the device) and launches it through ``CompiledKernel.run``, skipping the
+launch metadata when no profiler hook listens. The first call with a new key goes
+through ``kernel[grid]``, which compiles; Triton's interpreter
+(``TRITON_INTERPRET=1``) always does.
+
+Measured on the H200's host (``benchmarks/launch_costs.py``): ``CompiledKernel.run``
+alone takes 6-10 us, ``kernel[grid]`` 17-27 us, and this class 16-35 us: the
+argument tuples, the key and the caller's views cost as much as Triton's binder.
+What would cut the host time is binding a site's arguments once (they are the
+same tensors' shapes at every layer), not a faster lookup.
 """
 
 from __future__ import annotations
