@@ -15,6 +15,7 @@ with the runtime installed (and, for the ratio, with its templates removed).
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import resource
 import statistics
@@ -23,6 +24,7 @@ import time
 
 import torch
 import yaml
+from llmcompressor.core import active_session
 from transformers import LlamaConfig, LlamaForCausalLM
 
 from iq_transform import get_runtime
@@ -132,6 +134,9 @@ def run(spikefree: bool, args) -> dict:
     calibration = windows(args.samples, args.seqlen, model.config.vocab_size)
     if DEVICE == "cuda":
         torch.cuda.reset_peak_memory_stats()
+    # what is on the GPU before this run's oneshot (its own model; nothing of the
+    # previous run, which llm-compressor's session would otherwise keep alive)
+    at_start = torch.cuda.memory_allocated() / 2**30 if DEVICE == "cuda" else None
     start = time.perf_counter()
     oneshot_s, spikefree_s = apply_recipe(
         model, tokenizer, recipe(spikefree), calibration
@@ -142,6 +147,7 @@ def run(spikefree: bool, args) -> dict:
         "oneshot_s": oneshot_s,
         "spikefree_calibration_s": spikefree_s,
         "wall_s": wall,
+        "gpu_GiB_at_start": at_start,
         "peak_gpu_GiB": torch.cuda.max_memory_allocated() / 2**30
         if DEVICE == "cuda"
         else None,
@@ -164,6 +170,11 @@ def run(spikefree: bool, args) -> dict:
             layer.templates = templates
     print(json.dumps(result), flush=True)
     del model
+    runtime = layers = kept = None  # the runtime holds the model too  # noqa: F841
+    # oneshot's session holds the model until the next oneshot resets it: the
+    # second run's peak memory would include the first run's model
+    active_session().reset()
+    gc.collect()
     if DEVICE == "cuda":
         torch.cuda.empty_cache()
     return result
