@@ -200,6 +200,10 @@ def test_iq_quantize_evaluates_the_executed_model_beside_the_fake_quantized(
     assert spikes > 0 and fake_spikes > 0
     if not torch.cuda.is_available():  # both on the CPU: the same decisions
         assert spikes == fake_spikes
+        assert (
+            results["eval"]["window_spike_tokens"]
+            == results["eval_fake_quantized"]["window_spike_tokens"]
+        )
     wrong = run_app("iq-quantize", *TINY_RUN, "execute=int4_npu", cwd=tmp_path)
     assert wrong.returncode == 1
     assert "execute='int4_npu' is not an execution path" in wrong.stderr

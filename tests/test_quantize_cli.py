@@ -33,6 +33,12 @@ def test_quantize_app_writes_results_and_recipe(tmp_path):
     assert results["eval"]["num_windows"] == 2 and results["ppl"] > 1
     assert results["oneshot_seconds"] > results["spikefree_calibration_seconds"] > 0
     assert results["spike_tokens_in_eval"] >= 2  # every window starts with BOS
+    # per window: the NLLs add up to the total, every window has its BOS carrier
+    evaluated = results["eval"]
+    assert sum(evaluated["window_nll"]) == pytest.approx(evaluated["nll_sum"])
+    assert len(evaluated["window_spike_tokens"]) == 2
+    assert min(evaluated["window_spike_tokens"]) >= 1
+    assert sum(evaluated["window_spike_tokens"]) == results["spike_tokens_in_eval"]
     recipe = yaml.safe_load((run / "recipe.yaml").read_text())
     assert "SpikeFreeModifier" in str(recipe)
 

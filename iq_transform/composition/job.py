@@ -211,6 +211,9 @@ def run_quantize(config: QuantizeConfig, output_dir: Path) -> dict:
         "generation": generation,
         "execute": config.execute,
         "ppl_fake_quantized": None if fake_quantized is None else fake_quantized.ppl,
+        "eval_fake_quantized": None
+        if fake_quantized is None
+        else fake_quantized.to_dict(),
         "oneshot_seconds": oneshot_seconds,
         "spikefree_calibration_seconds": spikefree_seconds,
         "eval_seconds": eval_seconds,

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import time
 from pathlib import Path
 
@@ -148,11 +149,25 @@ def evaluate(
     """Perplexity, wall seconds, and the spike tokens the runtime handled.
 
     :param prefix: a full-precision KV-cache prefix (PrefixQuant-style baseline)
+    :return: ``(result, seconds, spikes)``; ``spikes`` is None without a SpikeFree
+        runtime, and the windows' own counts are ``result.window_spike_tokens``
     """
     runtime = get_runtime(model)
-    seen_before = runtime.spike_tokens_seen if runtime else None
+    seen = [runtime.spike_tokens_seen] if runtime else []
+
+    def count_spikes() -> None:
+        seen.append(runtime.spike_tokens_seen)
+
     start = time.perf_counter()
-    result = perplexity(model, windows, progress=progress, prefix=prefix)
+    result = perplexity(
+        model,
+        windows,
+        progress=progress,
+        prefix=prefix,
+        after_batch=count_spikes if runtime else None,
+    )
     seconds = time.perf_counter() - start
-    spikes = runtime.spike_tokens_seen - seen_before if runtime else None
-    return result, seconds, spikes
+    if not runtime:
+        return result, seconds, None
+    result.window_spike_tokens = [b - a for a, b in itertools.pairwise(seen)]
+    return result, seconds, seen[-1] - seen[0]

@@ -26,12 +26,7 @@ from compressed_tensors.offload.dispatch import remove_dispatch
 from loguru import logger
 from torch import nn
 
-__all__ = [
-    "is_offloaded",
-    "is_onload_hook",
-    "move_model",
-    "onload_once_per_forward",
-]
+__all__ = ["is_offloaded", "move_model", "onload_once_per_forward"]
 
 # marks a module that already carries the hooks
 HOOKED_ATTR = "_iq_onload_once_per_forward"
@@ -77,23 +72,18 @@ def onload_once_per_forward(model: nn.Module) -> int:
         if getattr(module, HOOKED_ATTR, False):
             continue
         stacks: list[ExitStack] = []
-        module.register_forward_pre_hook(partial(_keep_onloaded, stacks))
+        keep_onloaded = partial(_keep_onloaded, stacks)
+        # code that replays a module's pre-hooks to see its inputs
+        # (spikefree.exact_rows.through_pre_hooks) must skip this one: without its
+        # forward hook the context would stay open
+        keep_onloaded.leaves_inputs_alone = True
+        module.register_forward_pre_hook(keep_onloaded)
         module.register_forward_hook(partial(_release, stacks), always_call=True)
         setattr(module, HOOKED_ATTR, True)
         hooked += 1
     if hooked:
         logger.debug(f"{hooked} offloaded quantized modules onload once per forward")
     return hooked
-
-
-def is_onload_hook(hook: object) -> bool:
-    """Whether ``hook`` is the pre-hook :func:`onload_once_per_forward` adds: it
-    manages onloading and leaves the inputs alone, and it must be paired with its
-    forward hook, so code that replays only a module's pre-hooks skips it.
-
-    :param hook: a forward pre-hook
-    """
-    return isinstance(hook, partial) and hook.func is _keep_onloaded
 
 
 def _keep_onloaded(stacks: list[ExitStack], module: nn.Module, args: tuple) -> None:

@@ -14,20 +14,19 @@ from compressed_tensors.quantization import QuantizationStatus
 from compressed_tensors.quantization.lifecycle import forward_quantize
 from torch import nn
 
-from iq_transform.models.offload import is_onload_hook
-
 __all__ = ["frozen_weights", "linear_with_unquantized_input", "through_pre_hooks"]
 
 
 def through_pre_hooks(module: nn.Module, inputs: torch.Tensor) -> torch.Tensor:
     """``inputs`` as ``module``'s forward receives them (e.g. QuIP-rotated).
 
-    The onload hook of :func:`~iq_transform.models.offload.onload_once_per_forward`
-    is skipped: it transforms nothing, and without the forward hook that closes it
-    each call would leave offloading disabled for good.
+    Hooks marked ``leaves_inputs_alone`` are skipped: they manage state with a
+    paired forward hook (the onload hook of
+    :func:`~iq_transform.models.offload.onload_once_per_forward`, which would
+    otherwise leave offloading disabled for good).
     """
     for hook in module._forward_pre_hooks.values():
-        if is_onload_hook(hook):
+        if getattr(hook, "leaves_inputs_alone", False):
             continue
         result = hook(module, (inputs,))
         if result is not None:
