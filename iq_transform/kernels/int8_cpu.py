@@ -101,10 +101,10 @@ class Int8StaticLinear:
         # shifted by 128 into uint8 (flipping the sign bit adds 128 to a two's
         # complement byte, exactly): oneDNN's fast int8 GEMMs take u8 activations
         # on every x86 CPU but s8 ones only with AMX; elsewhere (AVX-512 VNNI) s8
-        # falls to its reference GEMM, measured 1,300x slower (512x576 @ 576x1536:
-        # 10.5 s against 8 ms). Quantizing to quint8 with zero point 128 directly
-        # rounds x / scale + 128, which differs from the fake-quantized codes at
-        # some rounding boundaries.
+        # falls to its reference GEMM, ~4,000x slower (512x576 @ 576x1536: 5.3 s
+        # against 1.3 ms, benchmarks/onednn_int8_paths.py). Quantizing to quint8
+        # with zero point 128 directly rounds x / scale + 128, which differs from
+        # the fake-quantized codes at some rounding boundaries.
         codes = codes.bitwise_xor(SIGN_BIT)
         output = torch.ops.onednn.qlinear_pointwise(
             codes,
