@@ -7,7 +7,10 @@ model) goes through ``oneshot`` twice from the same weights: GPTQ W8A8 static wi
 the ``mse`` observer, and the same after a SpikeFree stage with the
 ``spikefree_mse`` observer (recipes/w8a8_static_spikefree_gptq.yaml). Reported:
 wall seconds of each, peak GPU memory, peak host RSS, and an evaluation forward
-with the runtime installed (and, for the ratio, with its templates removed).
+with the runtime installed (and, for the ratio, with its templates removed). Each
+run is its own process: something in llm-compressor's state keeps a finished
+``oneshot``'s model alive (the session reset and ``gc`` did not free it), so in one
+process the second run's peak memory included the first run's model.
 
     python benchmarks/oneshot_scale.py --out benchmarks/results/oneshot_scale.json
 """
@@ -15,16 +18,16 @@ with the runtime installed (and, for the ratio, with its templates removed).
 from __future__ import annotations
 
 import argparse
-import gc
 import json
 import resource
 import statistics
+import subprocess
+import sys
 import tempfile
 import time
 
 import torch
 import yaml
-from llmcompressor.core import active_session
 from transformers import LlamaConfig, LlamaForCausalLM
 
 from iq_transform import get_runtime
@@ -168,16 +171,23 @@ def run(spikefree: bool, args) -> dict:
         result["eval_forward_ms_1x2048_templates_removed"] = forward_ms(model, ids)
         for layer, templates in zip(layers, kept, strict=True):
             layer.templates = templates
-    print(json.dumps(result), flush=True)
-    del model
-    runtime = layers = kept = None  # the runtime holds the model too  # noqa: F841
-    # oneshot's session holds the model until the next oneshot resets it: the
-    # second run's peak memory would include the first run's model
-    active_session().reset()
-    gc.collect()
-    if DEVICE == "cuda":
-        torch.cuda.empty_cache()
+    print(RESULT_PREFIX + json.dumps(result), flush=True)
     return result
+
+
+RESULT_PREFIX = "oneshot_scale result: "
+
+
+def run_in_own_process(spikefree: bool) -> dict:
+    """:func:`run` in a fresh interpreter, its output passed through."""
+    command = [sys.executable, __file__, *sys.argv[1:], "--variant"]
+    command.append("spikefree" if spikefree else "plain")
+    process = subprocess.run(command, stdout=subprocess.PIPE, text=True, check=False)
+    print(process.stdout, end="", flush=True)
+    if process.returncode != 0:
+        raise SystemExit(f"{' '.join(command)} failed ({process.returncode})")
+    lines = [line for line in process.stdout.splitlines() if RESULT_PREFIX in line]
+    return json.loads(lines[-1].split(RESULT_PREFIX, 1)[1])
 
 
 def main() -> None:
@@ -189,8 +199,14 @@ def main() -> None:
     parser.add_argument("--intermediate", type=int, default=14336)
     parser.add_argument("--vocab", type=int, default=128256)
     parser.add_argument("--out", default=None)
+    parser.add_argument(
+        "--variant", choices=("plain", "spikefree"), help="run one, in this process"
+    )
     args = parser.parse_args()
-    results = [run(False, args), run(True, args)]
+    if args.variant is not None:
+        run(args.variant == "spikefree", args)
+        return
+    results = [run_in_own_process(False), run_in_own_process(True)]
     report = {
         "device": torch.cuda.get_device_name() if DEVICE == "cuda" else "cpu",
         "layers": args.layers,

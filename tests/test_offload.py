@@ -16,6 +16,7 @@ from iq_transform.composition.pipeline import apply_recipe, evaluate, resolve_re
 from iq_transform.models import TOY_MODEL, load_model
 from iq_transform.models.loading import _max_memory
 from iq_transform.models.offload import is_offloaded, onload_once_per_forward
+from iq_transform.spikefree import exact_rows
 from tests.test_cli import REPO, run_app
 from tests.test_sweep import TINY
 
@@ -67,7 +68,7 @@ def test_default_model_config_loads_into_memory():
 
 @pytest.mark.parametrize("device_map", ["auto", "auto_offload"])
 def test_offloaded_to_disk_quantizes_like_in_memory(
-    tmp_path, in_memory_ppl, device_map
+    tmp_path, in_memory_ppl, device_map, monkeypatch
 ):
     config = ModelConfig(
         spec=TOY_MODEL,
@@ -93,6 +94,23 @@ def test_offloaded_to_disk_quantizes_like_in_memory(
     # the runtime's exact template rows replay the linears' pre-hooks: none may
     # leave its onload context open (offloading would stay disabled for good)
     assert open_onload_contexts(model) == 0
+    # an offloaded weight is a fresh copy at every access: the template rows of
+    # final weights must still be computed once, not at every forward
+    calls = []
+    original = exact_rows.forward_quantize
+
+    def counted(*args, **kwargs):
+        calls.append(args[2])
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(exact_rows, "forward_quantize", counted)
+    ids = tokenizer("The quick brown fox jumps", return_tensors="pt").input_ids
+    with torch.no_grad():
+        first = model(input_ids=ids).logits
+        once = len(calls)
+        second = model(input_ids=ids).logits
+    assert len(calls) == once
+    assert torch.equal(first, second)
 
 
 def test_max_memory_needs_a_device_map_and_a_mapping():

@@ -378,7 +378,10 @@ def test_direct_launches_write_what_the_first_launch_does(monkeypatch):
             values = torch.randn(2, 97, generator=generator).to(DEVICE, dtype)
             expected = torch.where(rows.unsqueeze(-1), values[kinds], output)
             for _ in range(2):  # compile, then launch directly
-                written = row_writes.write_rows(output.clone(), rows, kinds, values)
+                # a copy of the whole buffer keeps the view's offset (a clone of
+                # the view itself would be a fresh, aligned allocation)
+                target = base.clone()[offset : offset + 3 * 7 * 97].view(3, 7, 97)
+                written = row_writes.write_rows(target, rows, kinds, values)
                 assert torch.equal(written, expected)
     if DEVICE == "cuda":  # one compiled kernel per dtype and alignment
         assert launch.compiled_kernels == 4

@@ -278,6 +278,19 @@ def _version(tensor: torch.Tensor | None) -> tuple | None:
     return id(tensor), tensor.data_ptr(), tensor._version
 
 
+def _stored_version(module: nn.Module, name: str) -> tuple | None:
+    """:func:`_version` of ``module``'s parameter ``name`` as stored. An offloaded
+    module (compressed-tensors' cache: llm-compressor leaves a model so after
+    ``oneshot`` on a GPU) onloads a fresh copy at every access, so the copy's
+    version changes at every forward; the stored tensor is written in place when the
+    parameter is assigned (a disk cache keeps its meta tensor and rewrites the file:
+    there only a replaced entry counts)."""
+    stored = getattr(module._parameters, "offloaded_values", None)
+    if stored is not None and name in stored:
+        return _version(stored[name])
+    return _version(getattr(module, name, None))
+
+
 def _quantizes_input(module: nn.Module) -> bool:
     """Whether ``module`` quantizes its input (compressed-tensors) or carries
     precomputed template outputs: otherwise its template rows are exact already."""
@@ -480,8 +493,8 @@ class LayerRuntime:
             id(norm),
             output.dtype,
             output.device,
-            _version(norm.weight),
-            _version(getattr(norm, "bias", None)),
+            _stored_version(norm, "weight"),
+            _stored_version(norm, "bias"),
         )
         cached = self._norm_values.get(name)
         if cached is not None and cached[0] == key:
@@ -537,9 +550,9 @@ class LayerRuntime:
         norm = self.layer.get_submodule(norm_name)
         values = self._scaled_norm_template(norm_name, norm, inputs)
         key = (
-            _version(linear.weight),
-            _version(getattr(linear, "weight_scale", None)),
-            _version(getattr(linear, "weight_zero_point", None)),
+            _stored_version(linear, "weight"),
+            _stored_version(linear, "weight_scale"),
+            _stored_version(linear, "weight_zero_point"),
         )
         cached = self._frozen_outputs.get(id(linear))
         if cached is not None and cached[0] == key and cached[1] is values:
