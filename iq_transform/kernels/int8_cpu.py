@@ -105,7 +105,7 @@ class Int8StaticLinear:
         # against 1.3 ms, benchmarks/onednn_int8_paths.py). Quantizing to quint8
         # with zero point 128 directly rounds x / scale + 128, which differs from
         # the fake-quantized codes at some rounding boundaries.
-        codes = codes.bitwise_xor(SIGN_BIT)
+        codes.bitwise_xor_(SIGN_BIT)  # in place: the codes are this call's own
         output = torch.ops.onednn.qlinear_pointwise(
             codes,
             self.input_scale,
