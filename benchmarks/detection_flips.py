@@ -22,7 +22,7 @@ import sys
 from iq_transform.cli import quantize
 from iq_transform.composition import job
 from iq_transform.spikefree import runtime as runtime_module
-from iq_transform.spikefree.detect import token_max
+from iq_transform.spikefree.detect import spike_token_mask, token_max
 
 RECORDS: dict[str, list] = {"fake": [], "executed": []}
 STATE = {"phase": None, "executed": False, "forward": None, "layer": None}
@@ -62,9 +62,8 @@ def _recording_spike_rows(spike_rows):
         self, hidden, mask, threshold, also=None, kinds=None, zero=False, write=None
     ):
         if STATE["phase"] is not None and STATE["forward"] is not None:
-            peaks = token_max(hidden).float()
-            median = peaks.median(dim=-1, keepdim=True).values
-            by_ratio = peaks > self.ratio * median
+            peaks = token_max(hidden)
+            by_ratio = spike_token_mask(peaks, self.ratio, mask)
             by_threshold = peaks > threshold.float()
         rows = spike_rows(self, hidden, mask, threshold, also, kinds, zero, write)
         if STATE["phase"] is not None and STATE["forward"] is not None:

@@ -16,8 +16,8 @@ from iq_transform.composition.pipeline import apply_recipe, evaluate, resolve_re
 from iq_transform.models import TOY_MODEL, load_model
 from iq_transform.models.loading import _max_memory
 from iq_transform.models.offload import is_offloaded, onload_once_per_forward
-from iq_transform.spikefree import exact_rows
 from tests.test_cli import REPO, run_app
+from tests.test_stages import counted_weight_quantizations
 from tests.test_sweep import TINY
 
 RECIPE = "w8a8_static_spikefree_minmax"
@@ -96,14 +96,7 @@ def test_offloaded_to_disk_quantizes_like_in_memory(
     assert open_onload_contexts(model) == 0
     # an offloaded weight is a fresh copy at every access: the template rows of
     # final weights must still be computed once, not at every forward
-    calls = []
-    original = exact_rows.forward_quantize
-
-    def counted(*args, **kwargs):
-        calls.append(args[2])
-        return original(*args, **kwargs)
-
-    monkeypatch.setattr(exact_rows, "forward_quantize", counted)
+    calls = counted_weight_quantizations(monkeypatch)
     ids = tokenizer("The quick brown fox jumps", return_tensors="pt").input_ids
     with torch.no_grad():
         first = model(input_ids=ids).logits

@@ -182,19 +182,11 @@ def test_template_rows_skip_static_activation_quantization(exact, calibration, p
     torch.testing.assert_close(seen["output"][:, 0], expected)
 
 
-def test_final_weights_give_their_template_rows_once(calibration, prompts, monkeypatch):
-    """After oneshot the weights are final: each exact-row linear computes its
-    template rows (a fake quantization of its whole weight) once, not at every
-    forward, and gives what the per-forward computation gives."""
+def counted_weight_quantizations(monkeypatch) -> list[str]:
+    """The names of the tensors the exact template rows fake-quantize (each call
+    to ``exact_rows.forward_quantize``), appended as they happen."""
     from iq_transform.spikefree import exact_rows
-    from iq_transform.spikefree import runtime as runtime_module
 
-    model, tokenizer = load_model("tiny-planted")
-    stage = quantizer(
-        weight_args("int", 8),
-        activation_args("int", dynamic=False, observer="spikefree_minmax"),
-    )
-    apply_recipe(model, tokenizer, [SpikeFreeModifier(), stage], calibration)
     calls = []
     original = exact_rows.forward_quantize
 
@@ -203,6 +195,22 @@ def test_final_weights_give_their_template_rows_once(calibration, prompts, monke
         return original(*args, **kwargs)
 
     monkeypatch.setattr(exact_rows, "forward_quantize", counted)
+    return calls
+
+
+def test_final_weights_give_their_template_rows_once(calibration, prompts, monkeypatch):
+    """After oneshot the weights are final: each exact-row linear computes its
+    template rows (a fake quantization of its whole weight) once, not at every
+    forward, and gives what the per-forward computation gives."""
+    from iq_transform.spikefree import runtime as runtime_module
+
+    model, tokenizer = load_model("tiny-planted")
+    stage = quantizer(
+        weight_args("int", 8),
+        activation_args("int", dynamic=False, observer="spikefree_minmax"),
+    )
+    apply_recipe(model, tokenizer, [SpikeFreeModifier(), stage], calibration)
+    calls = counted_weight_quantizations(monkeypatch)
     first = logits(model, prompts)
     once = len(calls)
     second = logits(model, prompts)
