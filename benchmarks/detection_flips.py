@@ -59,13 +59,23 @@ def _recording_begin(begin):
 
 def _recording_spike_rows(spike_rows):
     def wrapped(
-        self, hidden, mask, threshold, also=None, kinds=None, zero=False, write=None
+        self,
+        hidden,
+        mask,
+        threshold,
+        also=None,
+        kinds=None,
+        zero=False,
+        write=None,
+        follow=False,
     ):
         if STATE["phase"] is not None and STATE["forward"] is not None:
             peaks = token_max(hidden)
             by_ratio = spike_token_mask(peaks, self.ratio, mask)
             by_threshold = peaks > threshold.float()
-        rows = spike_rows(self, hidden, mask, threshold, also, kinds, zero, write)
+        rows = spike_rows(
+            self, hidden, mask, threshold, also, kinds, zero, write, follow
+        )
         if STATE["phase"] is not None and STATE["forward"] is not None:
             STATE["forward"].append(
                 {

@@ -112,6 +112,7 @@ def test_the_checkpoint_holds_the_runtime_state(saved):
     assert meta["down_proj_layers"] == templates.down_proj_layers
     assert {2, 3, 4} <= set(templates.carrier_layers)  # the planted carriers
     assert meta["ratio"] == 32.0 and meta["exact_template_rows"] is True
+    assert meta["follow_carriers"] is False  # the default: thresholds everywhere
     # layer 2 carries spikes, so its down_proj output is a template and the
     # carrier rows are zeroed before it: only q/k/v compute exact template rows
     assert meta["exact_rows"]["2"] == [

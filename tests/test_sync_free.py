@@ -185,6 +185,7 @@ def test_the_row_kernel_path_computes_what_torch_where_does(
 def test_the_decision_kernel_decides_what_the_torch_ops_do():
     generator = torch.Generator().manual_seed(0)
     cases = [((2, 64), True), ((3, 300), False), ((1, 1), False), ((2, 5), True)]
+    cases.append(((2, 9), True))  # a padded sequence too short for a median
     for (batch, tokens), padded in cases:
         token_max = torch.rand(batch, tokens, generator=generator) + 0.5
         token_max = token_max.bfloat16().float()  # what vector_norm gives in bf16
@@ -198,19 +199,34 @@ def test_the_decision_kernel_decides_what_the_torch_ops_do():
         also = torch.rand(batch, tokens, generator=generator) < 0.05
         record = torch.rand(batch, tokens, generator=generator) < 0.05
         threshold = torch.tensor(20.0)
-        expected = spike_token_mask(token_max, 64.0, valid, threshold) | also
+        # the previous layer's carriers: at even positions they keep half of
+        # their max, at odd ones an eighth (under the quarter they must keep)
+        odd = torch.arange(tokens) % 2 == 1
+        previous_max = token_max * torch.where(odd, 8.0, 2.0)
+        previous_rows = torch.rand(batch, tokens, generator=generator) < 0.3
+        previous_rows[:, :2] = True
+        carried = previous_rows & (token_max >= 0.25 * previous_max)
         on = dict(device=DEVICE)
-        seen = record.to(**on)
-        rows = row_decisions.decide_rows(
-            token_max.to(**on),
-            64.0,
-            None if valid is None else valid.to(**on),
-            threshold.to(**on),
-            also.to(**on),
-            seen,
-        )
-        assert torch.equal(rows.cpu(), expected), (batch, tokens)
-        assert torch.equal(seen.cpu(), record | expected)
+        for follow in (False, True):
+            expected = spike_token_mask(
+                token_max, 64.0, valid, threshold, follow, carried if follow else None
+            )
+            expected = expected | also
+            seen = record.to(**on)
+            rows = row_decisions.decide_rows(
+                token_max.to(**on),
+                64.0,
+                None if valid is None else valid.to(**on),
+                threshold.to(**on),
+                also.to(**on),
+                seen,
+                threshold_without_median_only=follow,
+                previous=(previous_max.to(**on), previous_rows.to(**on), 0.25)
+                if follow
+                else None,
+            )
+            assert torch.equal(rows.cpu(), expected), (batch, tokens, follow)
+            assert torch.equal(seen.cpu(), record | expected)
 
 
 @needs_row_kernel

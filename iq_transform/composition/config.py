@@ -232,6 +232,8 @@ class TransformConfig:
     :param norm_templates: insert norm-output templates (else ``down_proj`` only)
     :param exact_template_rows: template rows skip activation quantization in the
         linears the templated norms feed (else they are quantized)
+    :param follow_carriers: at inference, carriers follow from the previous layer
+        as in calibration; thresholds only where no median exists
     :param max_prefix_tokens: the longest PrefixQuant-style prefix
     """
 
@@ -242,6 +244,7 @@ class TransformConfig:
     min_fraction: float = 0.25
     norm_templates: bool = True
     exact_template_rows: bool = True
+    follow_carriers: bool = False
     max_prefix_tokens: int = 4
 
 

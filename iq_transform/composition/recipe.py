@@ -90,6 +90,7 @@ def compose_recipe(
                 min_fraction=transform.min_fraction,
                 norm_templates=transform.norm_templates,
                 exact_template_rows=transform.exact_template_rows,
+                follow_carriers=transform.follow_carriers,
             )
         )
     if stages.smoothquant:

@@ -54,15 +54,23 @@ class SpikeFreeState:
     :param ratio: the runtime's spike-token ratio
     :param exact_template_rows: template rows skip activation quantization
     :param templates: every layer's templates and thresholds
+    :param follow_carriers: carriers follow from the previous layer at inference
+        (absent from checkpoints written before it: ``False``)
     """
 
     ratio: float
     exact_template_rows: bool
     templates: SpikeTemplates
+    follow_carriers: bool = False
 
     @classmethod
     def of(cls, runtime: SpikeFreeRuntime) -> SpikeFreeState:
-        return cls(runtime.ratio, runtime.exact_template_rows, runtime.templates)
+        return cls(
+            runtime.ratio,
+            runtime.exact_template_rows,
+            runtime.templates,
+            runtime.follow_carriers,
+        )
 
     def install(self, model: nn.Module) -> SpikeFreeRuntime:
         """Install the runtime into ``model`` (replacing one already there)."""
@@ -73,6 +81,7 @@ class SpikeFreeState:
             get_arch_spec(model),
             ratio=self.ratio,
             exact_template_rows=self.exact_template_rows,
+            follow_carriers=self.follow_carriers,
         )
         runtime.load_templates(self.templates)
         return runtime
@@ -112,6 +121,7 @@ def write_state(folder: Path, model: nn.Module, state: SpikeFreeState) -> None:
         "kinds": list(KINDS),
         "ratio": state.ratio,
         "exact_template_rows": state.exact_template_rows,
+        "follow_carriers": state.follow_carriers,
         "carrier_layers": state.templates.carrier_layers,
         "down_proj_layers": state.templates.down_proj_layers,
         "layers": layers,
@@ -151,7 +161,10 @@ def read_state(
         raise CheckpointError(f"{tensors_file}: {error.args[0]}; {_RESAVE}.") from None
     _check_tensors(meta, templates, state_file, get_arch_spec(model))
     return SpikeFreeState(
-        float(meta["ratio"]), bool(meta["exact_template_rows"]), templates
+        float(meta["ratio"]),
+        bool(meta["exact_template_rows"]),
+        templates,
+        bool(meta.get("follow_carriers", False)),
     )
 
 

@@ -476,6 +476,12 @@ def to_fp8(model: nn.Module) -> nn.Module:
     from iq_transform.spikefree.runtime import get_runtime
 
     runtime = get_runtime(model)
+    if runtime is not None and runtime.follow_carriers:
+        raise ValueError(
+            "The fused FP8 layers find carriers by the calibrated thresholds (or the "
+            "ratio test) per layer; follow_carriers is not implemented there. "
+            "Quantize with follow_carriers=False (transform.follow_carriers=false)."
+        )
     templates = runtime.templates if runtime is not None else None
     arch = get_arch_spec(model)
     # build every layer before touching the model: a refusal leaves it as it was

@@ -46,6 +46,8 @@ def spike_token_mask(
     ratio: float,
     attention_mask: torch.Tensor | None = None,
     threshold: torch.Tensor | float | None = None,
+    threshold_without_median_only: bool = False,
+    carried: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Boolean mask of spike tokens.
 
@@ -57,6 +59,10 @@ def spike_token_mask(
     :param threshold: absolute max |x| above which a token is a spike whatever the
         median; the only test for sequences with fewer than
         ``MIN_TOKENS_FOR_MEDIAN`` valid tokens
+    :param threshold_without_median_only: apply ``threshold`` only to those
+        sequences (where the ratio test decides, it alone finds new spikes)
+    :param carried: bool (batch, tokens) rows that are spikes regardless (e.g. the
+        previous layer's carriers that kept their share), padding excepted
     :return: bool tensor (batch, tokens)
     """
     if token_max.dim() == 1:
@@ -66,7 +72,7 @@ def spike_token_mask(
         if attention_mask is None
         else attention_mask.to(torch.bool).reshape(token_max.shape)
     )
-    spikes = None
+    spikes, n_valid = None, None
     # decided from shapes alone, so no call waits on the device: fewer tokens than
     # MIN_TOKENS_FOR_MEDIAN (a decode step) never pass the ratio test, and without a
     # mask every token is valid
@@ -81,7 +87,15 @@ def spike_token_mask(
             spikes = (token_max > ratio * median) & (n_valid >= MIN_TOKENS_FOR_MEDIAN)
     if threshold is not None:
         over = token_max > threshold
-        spikes = over if spikes is None else spikes | over
+        if (
+            threshold_without_median_only
+            and token_max.shape[-1] >= MIN_TOKENS_FOR_MEDIAN
+        ):
+            over = None if n_valid is None else over & (n_valid < MIN_TOKENS_FOR_MEDIAN)
+        if over is not None:
+            spikes = over if spikes is None else spikes | over
+    if carried is not None:
+        spikes = carried if spikes is None else spikes | carried
     if spikes is None:
         spikes = torch.zeros_like(token_max, dtype=torch.bool)
     return spikes if valid is None else spikes & valid

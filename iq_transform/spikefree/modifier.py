@@ -100,6 +100,13 @@ class SpikeFreeModifier(Modifier):
         template rows from the unquantized template (constants a kernel
         precomputes); ``False`` quantizes them with the ordinary tokens' static
         scale, as INSERTQUANT's prototype does
+    :param follow_carriers: at inference, a carrier stays one while its max |x|
+        keeps a quarter of the previous layer's, as in calibration, and the
+        calibrated absolute thresholds decide only where no median exists (decode
+        steps). Late layers' thresholds can sit in a narrow gap (Gemma-3-270M's
+        last layer: the first token at 2.5x the median, ordinary tokens at up to
+        1.5x), where a last-bit difference flips them; this rule does not rest on
+        that gap. ``False`` keeps the thresholds everywhere
     """
 
     ratio: float = 64.0
@@ -108,6 +115,7 @@ class SpikeFreeModifier(Modifier):
     down_proj_layers: list[int] | None = None
     norm_templates: bool = True
     exact_template_rows: bool = True
+    follow_carriers: bool = False
 
     calibration_seconds_: float | None = None
     _templates: SpikeTemplates | None = PrivateAttr(default=None)
@@ -149,6 +157,7 @@ class SpikeFreeModifier(Modifier):
             arch,
             ratio=self.ratio,
             exact_template_rows=self.exact_template_rows,
+            follow_carriers=self.follow_carriers,
         )
         return True
 

@@ -44,13 +44,18 @@ if triton is not None:
         valid_ptr,
         threshold_ptr,
         also_ptr,
+        previous_max_ptr,
+        previous_rows_ptr,
         rows_ptr,
         record_ptr,
         tokens,
         ratio,
+        keep_share,
         HAS_VALID: tl.constexpr,
         MEDIAN: tl.constexpr,
         HAS_THRESHOLD: tl.constexpr,
+        THRESHOLD_WITHOUT_MEDIAN_ONLY: tl.constexpr,
+        HAS_PREVIOUS: tl.constexpr,
         HAS_ALSO: tl.constexpr,
         RECORD: tl.constexpr,
         MIN_TOKENS: tl.constexpr,
@@ -65,15 +70,24 @@ if triton is not None:
         if HAS_VALID:
             valid = valid & (tl.load(valid_ptr + at, mask=inside, other=0) != 0)
         spikes = offsets < 0  # all False
+        count = tl.sum(valid.to(tl.int32), axis=0)
         if MEDIAN:
             # torch's median of an even count is the lower middle value
             ordered = tl.sort(tl.where(valid, values, float("inf")))
-            count = tl.sum(valid.to(tl.int32), axis=0)
             middle = (count - 1) // 2
             median = tl.sum(tl.where(offsets == middle, ordered, 0.0), axis=0)
             spikes = (values > ratio * median) & (count >= MIN_TOKENS)
         if HAS_THRESHOLD:
-            spikes = spikes | (values > tl.load(threshold_ptr))
+            over = values > tl.load(threshold_ptr)
+            if THRESHOLD_WITHOUT_MEDIAN_ONLY and MEDIAN:
+                over = over & (count < MIN_TOKENS)
+            spikes = spikes | over
+        if HAS_PREVIOUS:
+            carried = tl.load(previous_rows_ptr + at, mask=inside, other=0) != 0
+            previous = tl.load(previous_max_ptr + at, mask=inside, other=0.0)
+            spikes = spikes | (
+                carried & (values >= keep_share * previous.to(tl.float32))
+            )
         spikes = spikes & valid
         if HAS_ALSO:
             spikes = spikes | (tl.load(also_ptr + at, mask=inside, other=0) != 0)
@@ -149,8 +163,12 @@ def decide_rows(
     threshold: torch.Tensor | None = None,
     also: torch.Tensor | None = None,
     record: torch.Tensor | None = None,
+    threshold_without_median_only: bool = False,
+    previous: tuple[torch.Tensor, torch.Tensor, float] | None = None,
 ) -> torch.Tensor:
-    """``spike_token_mask(token_max, ratio, valid, threshold) | also``, in one launch.
+    """``spike_token_mask(token_max, ratio, valid, threshold,
+    threshold_without_median_only, carried) | also``, in one launch, where
+    ``carried`` is ``previous_rows & (token_max >= keep_share * previous_max)``.
 
     :param token_max: (batch, tokens) per-token max |x|, any float dtype, contiguous
     :param ratio: spike ratio to the median token max of a sequence
@@ -159,9 +177,15 @@ def decide_rows(
     :param also: optional bool (batch, tokens) rows that are spike rows regardless
     :param record: optional bool (batch, tokens) that the result is or-ed into, in
         place (the runtime's rows handled in this forward)
+    :param threshold_without_median_only: ``threshold`` decides only sequences with
+        too few valid tokens for a median
+    :param previous: ``(previous_max, previous_rows, keep_share)``: the previous
+        layer's per-token max (batch, tokens) and spike rows; those rows stay spike
+        rows while their max keeps ``keep_share`` of the previous one
     :return: bool (batch, tokens)
     """
     batch, tokens = token_max.shape
+    previous_max, previous_rows, keep_share = previous or (None, None, 0.0)
     rows = torch.empty(batch, tokens, dtype=torch.bool, device=token_max.device)
     dummy = rows  # never read where its flag is off
     _DECIDE_ROWS(
@@ -171,15 +195,20 @@ def decide_rows(
             dummy if valid is None else int8_bytes(valid),
             dummy if threshold is None else threshold,
             dummy if also is None else int8_bytes(also),
+            dummy if previous is None else previous_max,
+            dummy if previous is None else int8_bytes(previous_rows),
             int8_bytes(rows),
             dummy if record is None else int8_bytes(record),
             tokens,
             float(ratio),
+            float(keep_share),
         ),
         {
             "HAS_VALID": valid is not None,
             "MEDIAN": tokens >= MIN_TOKENS_FOR_MEDIAN,
             "HAS_THRESHOLD": threshold is not None,
+            "THRESHOLD_WITHOUT_MEDIAN_ONLY": threshold_without_median_only,
+            "HAS_PREVIOUS": previous is not None,
             "HAS_ALSO": also is not None,
             "RECORD": record is not None,
             "MIN_TOKENS": MIN_TOKENS_FOR_MEDIAN,

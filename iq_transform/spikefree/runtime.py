@@ -5,7 +5,9 @@ llm-compressor's layer-major sequential pipeline, shuffled data and padding):
 
 1. the layer's residual input names its *carriers*: tokens whose max |x| exceeds
    ``ratio`` x the median token max of their sequence, or the layer's calibrated
-   absolute threshold (the only test for a decode step with a KV cache);
+   absolute threshold (the only test for a decode step with a KV cache); with
+   ``follow_carriers``, as in calibration, the previous layer's carriers that keep
+   their share of its max instead of the threshold, wherever a median exists;
 2. each norm that feeds quantized linears gets the carriers' rows overwritten with
    their kind's template (stored before the norm weight, scaled by the weight the
    norm has *now*); the linears it feeds compute those rows from the unquantized
@@ -40,7 +42,7 @@ from loguru import logger
 from torch import nn
 
 from iq_transform.models.arch import ArchSpec
-from iq_transform.spikefree.detect import spike_token_mask
+from iq_transform.spikefree.detect import MIN_TOKENS_FOR_MEDIAN, spike_token_mask
 from iq_transform.spikefree.detect import token_max as detect_token_max
 from iq_transform.spikefree.distributed import reduce_statistics
 from iq_transform.spikefree.exact_rows import (
@@ -412,8 +414,13 @@ class LayerRuntime:
                         self._carrier_detection(hidden, shared, threshold),
                     )
                     carriers = None
+                    self.runtime.forget_carriers()
                 else:
-                    carriers = self.runtime.spike_rows(hidden, shared.mask, threshold)
+                    carriers = self.runtime.spike_rows(
+                        hidden, shared.mask, threshold, follow=True
+                    )
+            else:
+                self.runtime.forget_carriers()
             state = _Forward(
                 valid=shared.valid,
                 kinds=shared.kinds,
@@ -718,6 +725,12 @@ class SpikeFreeRuntime:
     :param ratio: spike-token ratio to the median token max
     :param exact_template_rows: the linears fed by a templated norm compute the
         template rows from their unquantized input
+    :param follow_carriers: at inference, a layer's carriers are, as in
+        calibration, the ratio test's and the previous layer's carriers that keep
+        ``CARRIER_DROP`` of their max; the absolute threshold then decides only
+        sequences too short for a median (decode steps). Within a model forward
+        only (llm-compressor's layer-major passes keep the threshold), and the chain
+        restarts after a layer without carriers
 
     Set ``enabled = False`` to run the model's own forward with the runtime in
     place (templates and their copies on the device kept), ``True`` to resume.
@@ -729,6 +742,7 @@ class SpikeFreeRuntime:
         arch: ArchSpec,
         ratio: float = 64.0,
         exact_template_rows: bool = True,
+        follow_carriers: bool = False,
     ):
         if hasattr(model, _RUNTIME_ATTRIBUTE):
             raise RuntimeError(
@@ -737,6 +751,7 @@ class SpikeFreeRuntime:
             )
         self.model, self.arch, self.ratio = model, arch, ratio
         self.exact_template_rows = exact_template_rows
+        self.follow_carriers = follow_carriers
         # False: every hook returns at once, templates and their device copies kept
         # (the model's own forward, e.g. to time or compare against)
         self.enabled = True
@@ -821,6 +836,7 @@ class SpikeFreeRuntime:
         kinds: torch.Tensor | None = None,
         zero: bool = False,
         write: tuple | None = None,
+        follow: bool = False,
     ) -> torch.Tensor:
         """The spike rows of ``hidden`` at one site of the forward in flight (ratio
         to the median and ``threshold``, or-ed with ``also``), noted as handled;
@@ -840,20 +856,51 @@ class SpikeFreeRuntime:
         :param also: bool (batch, tokens) rows that are spike rows regardless
         :param kinds: the rows' kinds (spares the zeroing kernel a fill)
         :param zero: set the spike rows of ``hidden`` to zero, in place
+        :param follow: a layer input: with ``follow_carriers``, in a model forward
+            of sequences long enough for a median, the previous layer's carriers
+            that keep their share stand in for the threshold, and these rows are
+            remembered for the next layer
         """
+        follow = (
+            follow
+            and self.follow_carriers
+            and self._in_forward
+            and hidden.shape[-2] >= MIN_TOKENS_FOR_MEDIAN
+        )
         if (detect := row_detector(hidden)) is not None:
             record = self._record(hidden)
             return detect(hidden, threshold, mask, also, record, zero, write)
         if write is not None:
             raise ValueError("write= needs the short-sequence detection kernel")
         token_max = detect_token_max(hidden, float32=False)
+        previous = self._previous if follow else None
+        if previous is not None and previous[0].shape != token_max.shape:
+            previous = None
         if (decide := row_decider(token_max)) is not None:
             record = self._record(hidden)
-            rows = decide(token_max, self.ratio, mask, threshold, also, record)
+            rows = decide(
+                token_max,
+                self.ratio,
+                mask,
+                threshold,
+                also,
+                record,
+                threshold_without_median_only=follow,
+                previous=None if previous is None else (*previous, CARRIER_DROP),
+            )
         else:
-            rows = spike_token_mask(token_max.float(), self.ratio, mask, threshold)
+            rows = spike_token_mask(
+                token_max.float(),
+                self.ratio,
+                mask,
+                threshold,
+                threshold_without_median_only=follow,
+                carried=None if previous is None else self.still_carried(token_max),
+            )
             rows = rows if also is None else rows | also
             self.note_spikes(rows)
+        if follow:
+            self.remember_carriers(token_max, rows)
         if zero:
             zero_rows(hidden, rows, kinds)
         return rows
@@ -948,7 +995,8 @@ class SpikeFreeRuntime:
         self._previous = None
 
     def still_carried(self, token_max: torch.Tensor) -> torch.Tensor:
-        """During calibration (layers in order within one forward): the previous
+        """During calibration, and at inference with ``follow_carriers`` (layers
+        in order within one forward): the previous
         layer's carriers whose max |x| keeps at least ``CARRIER_DROP`` of the
         previous layer's, i.e. spikes not yet removed. The ratio test alone loses
         them in late layers, where ordinary tokens grow."""
@@ -956,10 +1004,16 @@ class SpikeFreeRuntime:
         if previous is None or previous[0].shape != token_max.shape:
             return torch.zeros_like(token_max, dtype=torch.bool)
         previous_max, previous_carriers = previous
-        return previous_carriers & (token_max >= CARRIER_DROP * previous_max)
+        return previous_carriers & (
+            token_max.float() >= CARRIER_DROP * previous_max.float()
+        )
 
     def remember_carriers(self, token_max: torch.Tensor, carriers: torch.Tensor):
         self._previous = (token_max, carriers)
+
+    def forget_carriers(self) -> None:
+        """The next layer's carriers start afresh (this one found none)."""
+        self._previous = None
 
     @property
     def templates(self) -> SpikeTemplates:
