@@ -76,7 +76,8 @@ def spike_token_mask(
     # decided from shapes alone, so no call waits on the device: fewer tokens than
     # MIN_TOKENS_FOR_MEDIAN (a decode step) never pass the ratio test, and without a
     # mask every token is valid
-    if token_max.shape[-1] >= MIN_TOKENS_FOR_MEDIAN:
+    long_enough = token_max.shape[-1] >= MIN_TOKENS_FOR_MEDIAN
+    if long_enough:
         if valid is None:
             median = token_max.nanmedian(dim=-1, keepdim=True).values
             spikes = token_max > ratio * median
@@ -87,10 +88,7 @@ def spike_token_mask(
             spikes = (token_max > ratio * median) & (n_valid >= MIN_TOKENS_FOR_MEDIAN)
     if threshold is not None:
         over = token_max > threshold
-        if (
-            threshold_without_median_only
-            and token_max.shape[-1] >= MIN_TOKENS_FOR_MEDIAN
-        ):
+        if threshold_without_median_only and long_enough:
             over = None if n_valid is None else over & (n_valid < MIN_TOKENS_FOR_MEDIAN)
         if over is not None:
             spikes = over if spikes is None else spikes | over

@@ -873,9 +873,7 @@ class SpikeFreeRuntime:
         if write is not None:
             raise ValueError("write= needs the short-sequence detection kernel")
         token_max = detect_token_max(hidden, float32=False)
-        previous = self._previous if follow else None
-        if previous is not None and previous[0].shape != token_max.shape:
-            previous = None
+        previous = self._previous_for(token_max) if follow else None
         if (decide := row_decider(token_max)) is not None:
             record = self._record(hidden)
             rows = decide(
@@ -1000,19 +998,27 @@ class SpikeFreeRuntime:
         layer's carriers whose max |x| keeps at least ``CARRIER_DROP`` of the
         previous layer's, i.e. spikes not yet removed. The ratio test alone loses
         them in late layers, where ordinary tokens grow."""
-        previous = self._previous
-        if previous is None or previous[0].shape != token_max.shape:
+        previous = self._previous_for(token_max)
+        if previous is None:
             return torch.zeros_like(token_max, dtype=torch.bool)
         previous_max, previous_carriers = previous
         return previous_carriers & (
             token_max.float() >= CARRIER_DROP * previous_max.float()
         )
 
+    def _previous_for(self, token_max: torch.Tensor) -> tuple | None:
+        """The previous layer's ``(token_max, carriers)`` where they describe the
+        same tokens as ``token_max``, else ``None``."""
+        previous = self._previous
+        if previous is None or previous[0].shape != token_max.shape:
+            return None
+        return previous
+
     def remember_carriers(self, token_max: torch.Tensor, carriers: torch.Tensor):
         self._previous = (token_max, carriers)
 
     def forget_carriers(self) -> None:
-        """The next layer's carriers start afresh (this one found none)."""
+        """The next layer's carriers start afresh (this layer remembered none)."""
         self._previous = None
 
     @property
