@@ -97,8 +97,8 @@ def main() -> None:
             "decode 1 (+2048 cached)": decode,
         }
         for label, run in runs.items():
-            for enabled in (False, True):
-                runtime_overhead.install(layers, templates, enabled)
+            for variant in runtime_overhead.variants(device):
+                runtime_overhead.install(layers, templates, variant)
                 for _ in range(3):
                     run()
                 torch.cuda.synchronize()
@@ -111,12 +111,12 @@ def main() -> None:
                 torch.cuda.synchronize()
                 wall = time.perf_counter() - start
                 print(
-                    f"== {label}, runtime enabled={enabled}: host "
+                    f"== {label}, {variant}: host "
                     f"{1e3 * host / n:.2f} ms a forward, wall {1e3 * wall / n:.2f} ms"
                 )
                 for key, seconds in TOTAL.most_common():
                     print(f"  {1e6 * seconds / n:9.1f} us {CALLS[key] // n:4d}x  {key}")
-    runtime_overhead.install(layers, templates, True)
+    runtime_overhead.install(layers, templates, runtime_overhead.INSTALLED)
 
 
 if __name__ == "__main__":

@@ -36,7 +36,9 @@ from iq_transform import SpikeFreeModifier, get_runtime
 from iq_transform.composition.pipeline import apply_recipe
 from iq_transform.evaluation.data import TextSource, calibration_windows, load_documents
 from iq_transform.evaluation.host_syncs import count_host_syncs
+from iq_transform.kernels.fused_norm import fused_norm_templates
 from iq_transform.models import load_model
+from iq_transform.spikefree.row_writes import triton_runs_on
 
 # untimed runs of each variant first: the first timed row paid for clocks ramping up
 WARMUP_RUNS = 3
@@ -55,15 +57,62 @@ def timed(run, device: torch.device) -> float:
     return time.perf_counter() - start
 
 
-def install(layers, templates, installed: bool) -> None:
-    """The runtime enabled, or disabled (every hook then returns at once). The
-    templates stay installed, so their copies on the device are made once, not
-    before every timed run (a host-to-device copy waits for the device)."""
+# What is timed side by side. ``removed``: the runtime disabled (the model's own
+# forward); ``installed``: enabled as a user gets it (on CUDA its norms compute
+# their template rows in the fused kernel). Where Triton runs, also:
+# ``installed, norms hooked``: enabled with ``fuse_norms=False`` (the norms run
+# themselves, templates written after them: the previous path); ``removed, fused
+# norm kernel``: disabled, with the decoder layers' norms running the same fused
+# kernel without templates, so the runtime's own cost on top of that kernel shows.
+REMOVED, INSTALLED = "removed", "installed"
+HOOKED, FUSED_KERNEL = "installed, norms hooked", "removed, fused norm kernel"
+
+
+def variants(device: torch.device) -> tuple[str, ...]:
+    if triton_runs_on(torch.empty(0, device=device)):
+        return REMOVED, FUSED_KERNEL, HOOKED, INSTALLED
+    return REMOVED, INSTALLED
+
+
+# the architecture's norm weight offset of each norm class (0: Llama's, 1: Gemma's)
+_NORM_OFFSETS: dict[type, float] = {}
+
+
+def _fused_kernel_alone(norm, hidden_states):
+    offset = _NORM_OFFSETS[type(norm)]
+    return fused_norm_templates(
+        hidden_states,
+        norm.weight,
+        float(getattr(norm, "variance_epsilon", getattr(norm, "eps", 1e-6))),
+        weight_offset=offset,
+        cast_before_weight=offset == 0.0,
+    )
+
+
+def install(layers, templates, variant: str) -> None:
+    """Set up ``variant``. Disabling keeps the templates installed (every hook
+    then returns at once), so their copies on the device are made once, not before
+    every timed run (a host-to-device copy waits for the device)."""
     runtime = layers[0].runtime
-    runtime.enabled = installed
+    runtime.enabled = variant in (INSTALLED, HOOKED)
+    runtime.fuse_norms = False if variant == HOOKED else None
     for layer, layer_templates in zip(layers, templates, strict=True):
         if layer.templates is not layer_templates:
             layer.templates = layer_templates
+    norm_classes = {
+        type(layer.layer.get_submodule(name))
+        for layer in layers
+        for name in runtime.arch.norm_names()
+    }
+    for norm_class in norm_classes:
+        _NORM_OFFSETS[norm_class] = runtime.arch.norm_weight_offset
+        original = vars(norm_class).get("_benchmark_own_forward")
+        if variant == FUSED_KERNEL and original is None:
+            norm_class._benchmark_own_forward = norm_class.forward
+            norm_class.forward = _fused_kernel_alone
+        elif variant != FUSED_KERNEL and original is not None:
+            norm_class.forward = original
+            del norm_class._benchmark_own_forward
 
 
 def cuda_kernels(run) -> int:
@@ -78,33 +127,45 @@ def cuda_kernels(run) -> int:
 
 
 def side_by_side(run, layers, templates, device, repeats: int) -> dict:
-    """Median seconds with the runtime's templates removed and installed."""
-    runs = {False: [], True: []}
+    """Median seconds of every variant (interleaved runs); ``ratio`` is
+    installed over removed."""
+    names = variants(device)
+    runs = {name: [] for name in names}
     syncs, kernels = {}, {}
-    for installed in (False, True):  # warm-up (GPU clocks ramp), the sync count
-        install(layers, templates, installed)
+    for name in names:  # warm-up (GPU clocks ramp), the sync count
+        install(layers, templates, name)
         for _ in range(WARMUP_RUNS):
             run()
-        syncs[installed] = sum(count_host_syncs(run).values())
+        syncs[name] = sum(count_host_syncs(run).values())
         if device.type == "cuda":
-            kernels[installed] = cuda_kernels(run)
+            kernels[name] = cuda_kernels(run)
     for _ in range(repeats):
-        for installed in (False, True):
-            install(layers, templates, installed)
-            runs[installed].append(timed(run, device))
-    install(layers, templates, True)
-    without, with_runtime = (statistics.median(runs[k]) for k in (False, True))
+        for name in names:
+            install(layers, templates, name)
+            runs[name].append(timed(run, device))
+    install(layers, templates, INSTALLED)
+    medians = {name: statistics.median(runs[name]) for name in names}
     row = {
-        "without_s": without,
-        "with_s": with_runtime,
-        "ratio": with_runtime / without,
-        "host_syncs_without": syncs[False],
-        "host_syncs_with": syncs[True],
-        "runs_without_s": runs[False],
-        "runs_with_s": runs[True],
+        "without_s": medians[REMOVED],
+        "with_s": medians[INSTALLED],
+        "ratio": medians[INSTALLED] / medians[REMOVED],
+        "host_syncs_without": syncs[REMOVED],
+        "host_syncs_with": syncs[INSTALLED],
+        "runs_without_s": runs[REMOVED],
+        "runs_with_s": runs[INSTALLED],
     }
+    if HOOKED in medians:
+        row["hooked_s"] = medians[HOOKED]
+        row["ratio_hooked"] = medians[HOOKED] / medians[REMOVED]
+        row["fused_kernel_alone_s"] = medians[FUSED_KERNEL]
+        row["ratio_to_fused_kernel_alone"] = medians[INSTALLED] / medians[FUSED_KERNEL]
+        row["runs_s"] = runs
     if kernels:
-        row["kernels_without"], row["kernels_with"] = kernels[False], kernels[True]
+        row["kernels_without"], row["kernels_with"] = (
+            kernels[REMOVED],
+            kernels[INSTALLED],
+        )
+        row["kernels"] = kernels
     return row
 
 
@@ -191,9 +252,8 @@ def graph_decode(model, layers, templates, prompt, cached: int, repeats: int):
 
     out = {}
     with torch.no_grad():
-        for installed in (False, True):
-            install(layers, templates, installed)
-            key = "installed" if installed else "removed"
+        for key in variants(prompt.device):
+            install(layers, templates, key)
             for _ in range(3):
                 eager = decode().clone()
             row = {"eager_ms": eager_ms()}
@@ -228,11 +288,15 @@ def graph_decode(model, layers, templates, prompt, cached: int, repeats: int):
             row["replay_ms"] = statistics.median(times)
             out[key] = row
             del graph
-    install(layers, templates, True)
-    removed, installed = out["removed"], out["installed"]
-    out["eager_ratio"] = installed["eager_ms"] / removed["eager_ms"]
-    if removed.get("captured") and installed.get("captured"):
-        out["replay_ratio"] = installed["replay_ms"] / removed["replay_ms"]
+    install(layers, templates, INSTALLED)
+    removed = out[REMOVED]
+    for key in out.copy():
+        suffix = "" if key == INSTALLED else f" ({key})"
+        if key == REMOVED:
+            continue
+        out["eager_ratio" + suffix] = out[key]["eager_ms"] / removed["eager_ms"]
+        if removed.get("captured") and out[key].get("captured"):
+            out["replay_ratio" + suffix] = out[key]["replay_ms"] / removed["replay_ms"]
     return out
 
 
@@ -361,9 +425,8 @@ def main() -> None:
             prefill_run = lambda: model(input_ids=ids, use_cache=False)  # noqa: E731
             checks["sync_debug_prefill"] = sync_check(prefill_run)
             checks["sync_debug_decode"] = sync_check(decode)
-            for installed in (False, True):
-                install(layers, templates, installed)
-                key = "installed" if installed else "removed"
+            for key in (REMOVED, INSTALLED):
+                install(layers, templates, key)
                 # the first forward after installation copies the templates to
                 # the device (once; that copy waits): checked after it
                 prefill_run()
@@ -392,6 +455,15 @@ def main() -> None:
             f"{row['ratio']:.3f} | {row['host_syncs_without']} / "
             f"{row['host_syncs_with']} |"
         )
+    for key, row in rows.items():
+        if "hooked_s" in row:
+            print(
+                f"{key}: norms hooked {row['hooked_s'] * 1e3:.2f} ms "
+                f"({row['ratio_hooked']:.3f}), fused norm kernel alone "
+                f"{row['fused_kernel_alone_s'] * 1e3:.2f} ms (installed / it "
+                f"{row['ratio_to_fused_kernel_alone']:.3f}); kernels "
+                f"{row.get('kernels')}"
+            )
     if args.output:
         args.output.parent.mkdir(parents=True, exist_ok=True)
         report = {

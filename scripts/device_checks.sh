@@ -12,7 +12,7 @@ python3 -m pip install -q --no-deps --no-build-isolation -e . >> $OUT/pip.log 2>
 nvidia-smi --query-gpu=name,clocks.sm,memory.used --format=csv > $OUT/gpu.txt
 for part in "$@"; do
   case $part in
-    runtime) timeout 200 python3 benchmarks/runtime_overhead.py --model llama3-8b-planted --device cuda --dtype bfloat16 --shapes 1x2048 8x2048 --repeats 10 --sync-check --graph --output $OUT/runtime_overhead.json 2>&1 | tee $OUT/runtime.log | tail -30 ;;
+    runtime) timeout ${RUNTIME_S:-200} python3 benchmarks/runtime_overhead.py --model llama3-8b-planted --device cuda --dtype bfloat16 --shapes 1x2048 8x2048 --repeats 10 --sync-check --graph --output $OUT/runtime_overhead.json 2>&1 | tee $OUT/runtime.log | tail -30 ;;
     scale) timeout 240 python3 benchmarks/oneshot_scale.py --samples 16 --seqlen 512 --out $OUT/oneshot_scale.json 2>&1 | tee $OUT/scale.log | grep -v "it/s\|s/it" | tail -30 ;;
     tests) timeout ${TESTS_S:-300} python3 -m pytest -q -m "not slow" -n 8 -v --tb=short -rf -p no:cacheprovider --ignore=tests/test_zero_shot.py $TESTS 2>&1 | tee $OUT/tests.log | tail -60 ;;
   esac

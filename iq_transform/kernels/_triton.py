@@ -72,8 +72,13 @@ def norm_templates_quant_kernel(
     DYNAMIC: tl.constexpr,
     IS_FP8: tl.constexpr,
     QMAX: tl.constexpr,
+    QUANTIZE: tl.constexpr,
+    CAST_BEFORE_WEIGHT: tl.constexpr,
+    STORE_ROWS: tl.constexpr,
 ):
-    # ROWS rows per program: the weight is loaded once for all of them
+    # ROWS rows per program: the weight is loaded once for all of them. Without
+    # QUANTIZE, ``codes_ptr`` is the norm's output in its own dtype (the runtime's
+    # fake-quant path, where the linears quantize their inputs themselves)
     rows = tl.program_id(0).to(tl.int64) * ROWS + tl.arange(0, ROWS)
     row_mask = rows < M
     cols = tl.arange(0, BLOCK)
@@ -85,7 +90,11 @@ def norm_templates_quant_kernel(
     w = tl.load(weight_ptr + cols, mask=col_mask, other=0.0).to(tl.float32)
     w = (w + weight_offset)[None, :]
     mean_square = tl.sum(x * x, axis=1) / K
-    y = x * tl.rsqrt(mean_square + eps)[:, None] * w
+    normalized = x * tl.rsqrt(mean_square + eps)[:, None]
+    if CAST_BEFORE_WEIGHT:
+        # Llama's norm: the normalized rows in the output dtype, then the weight
+        normalized = normalized.to(codes_ptr.dtype.element_ty).to(tl.float32)
+    y = normalized * w
     if HAS_TEMPLATES:
         flag = tl.zeros([ROWS], dtype=tl.int32)
         if HAS_ROWS_IN:
@@ -101,15 +110,19 @@ def norm_templates_quant_kernel(
             other=0.0,
         )
         y = tl.where(templated[:, None], template.to(tl.float32) * w, y)
-        tl.store(rows_out_ptr + rows, templated.to(tl.int8), mask=row_mask)
-    if DYNAMIC:
-        amax_y = tl.max(tl.abs(y), axis=1)
-        scale = tl.maximum(amax_y / QMAX, MIN_DYNAMIC_SCALE)
+        if STORE_ROWS:
+            tl.store(rows_out_ptr + rows, templated.to(tl.int8), mask=row_mask)
+    out = codes_ptr + rows[:, None] * stride_codes + cols[None, :]
+    if QUANTIZE:
+        if DYNAMIC:
+            amax_y = tl.max(tl.abs(y), axis=1)
+            scale = tl.maximum(amax_y / QMAX, MIN_DYNAMIC_SCALE)
+        else:
+            scale = tl.load(scale_ptr) + tl.zeros([ROWS], dtype=tl.float32)
+        tl.store(out, _quantize_row(y, scale[:, None], IS_FP8), mask=mask)
+        tl.store(row_scales_ptr + rows, scale, mask=row_mask)
     else:
-        scale = tl.load(scale_ptr) + tl.zeros([ROWS], dtype=tl.float32)
-    codes = _quantize_row(y, scale[:, None], IS_FP8)
-    tl.store(codes_ptr + rows[:, None] * stride_codes + cols[None, :], codes, mask=mask)
-    tl.store(row_scales_ptr + rows, scale, mask=row_mask)
+        tl.store(out, y.to(codes_ptr.dtype.element_ty), mask=mask)
 
 
 @triton.jit

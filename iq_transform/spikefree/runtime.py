@@ -34,7 +34,8 @@ too. Observers learn which rows to drop from
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import types
+from dataclasses import dataclass, field
 
 import torch
 from llmcompressor.modeling.offset_norm import CalibrationOffsetNorm
@@ -51,7 +52,7 @@ from iq_transform.spikefree.exact_rows import (
     through_pre_hooks,
 )
 from iq_transform.spikefree.row_decisions import row_decider, row_detector
-from iq_transform.spikefree.row_writes import row_writer
+from iq_transform.spikefree.row_writes import row_writer, triton_runs_on
 from iq_transform.spikefree.rows import set_excluded_rows
 from iq_transform.spikefree.templates import (
     FIRST_TOKEN,
@@ -117,6 +118,8 @@ def _indexed(tensor: torch.Tensor) -> bool:
 # measured with the kernel at every size, a decode step's rows included.
 KERNEL_DEVICES = {"cuda"}
 KERNEL_MIN_ELEMENTS = 1
+# widest norm the fused kernel computes (one block a row)
+FUSED_NORM_MAX_WIDTH = 16384
 _ZEROS: dict[tuple, torch.Tensor] = {}
 
 
@@ -195,6 +198,46 @@ def zero_rows(
     return hidden.masked_fill_(rows.unsqueeze(-1), 0.0)
 
 
+# transformers' RMSNorm classes whose arithmetic ``fused_norm_templates`` computes:
+# Llama's (the weight times the normalized rows cast to the dtype) and Gemma's
+# (float32 throughout, times ``1 + w``, cast once)
+_CAST_BEFORE_WEIGHT_NORMS = frozenset(
+    {
+        "LlamaRMSNorm",
+        "MistralRMSNorm",
+        "Qwen2RMSNorm",
+        "Qwen3RMSNorm",
+        "GraniteRMSNorm",
+        "Phi3RMSNorm",
+    }
+)
+_FLOAT32_WEIGHT_NORMS = frozenset({"GemmaRMSNorm", "Gemma2RMSNorm", "Gemma3RMSNorm"})
+_fused_norm_templates = None
+
+
+def _own_forward(norm: nn.Module):
+    """The forward function ``norm`` runs, under compressed-tensors' offload
+    wrapper (which ``oneshot`` leaves on every module) where there is one."""
+    if "_original_forward_func" in vars(norm):
+        return norm._original_forward_func
+    forward = vars(norm).get("forward")
+    return type(norm).forward if forward is None else getattr(forward, "__func__", None)
+
+
+def _fused_norm_form(norm: nn.Module, arch: ArchSpec) -> bool | None:
+    """``cast_before_weight`` of a norm the fused kernel computes, or ``None``
+    (another class, or a forward someone else replaced: the norm then runs
+    itself, with the templates inserted after it)."""
+    name = type(norm).__name__
+    if arch.norm_kind != "rms" or _own_forward(norm) is not type(norm).forward:
+        return None
+    if name in _CAST_BEFORE_WEIGHT_NORMS and arch.norm_weight_offset == 0.0:
+        return True
+    if name in _FLOAT32_WEIGHT_NORMS and arch.norm_weight_offset == 1.0:
+        return False
+    return None
+
+
 def _norm_epsilon(norm: nn.Module) -> float:
     return float(getattr(norm, "variance_epsilon", getattr(norm, "eps", 1e-6)))
 
@@ -250,6 +293,8 @@ class _Forward:
     # step's detection runs in the first norm's pass over the same rows
     # (``detect(write)`` also writes the norm's template rows), or when first asked
     pending: tuple | None = None
+    # norms whose output the fused kernel computed with its template rows
+    fused: set = field(default_factory=set)
 
     def rows(self) -> torch.Tensor:
         """The carriers, detected now if they are still pending."""
@@ -323,6 +368,9 @@ class LayerRuntime:
         self.statistics: LayerStatistics | None = None
         self.current: _Forward | None = None
         self._norm_handles: dict[int, torch.utils.hooks.RemovableHandle] = {}
+        # norms whose forward runs the fused kernel while templates apply: (norm,
+        # the forward function given to it)
+        self._fused_norms: dict[int, tuple[nn.Module, object]] = {}
         self._handles = [
             layer.register_forward_pre_hook(self._before_layer, with_kwargs=True),
             layer.register_forward_hook(self._after_layer),
@@ -378,6 +426,7 @@ class LayerRuntime:
         for handle in [*self._handles, *self._norm_handles.values()]:
             handle.remove()
         self._norm_handles.clear()
+        self._unfuse_norms()
 
     # -- hooks -----------------------------------------------------------------
     def _before_layer(self, module, args, kwargs):
@@ -459,6 +508,83 @@ class LayerRuntime:
             if id(norm) not in self._norm_handles:
                 hook = self._norm_hook(name, norm)
                 self._norm_handles[id(norm)] = norm.register_forward_hook(hook)
+            if id(norm) in self._fused_norms or self.runtime.fuse_norms is False:
+                continue
+            if (cast_before_weight := _fused_norm_form(norm, self.arch)) is not None:
+                self._fuse_norm(name, norm, cast_before_weight)
+
+    def _fuse_norm(self, name: str, norm: nn.Module, cast_before_weight: bool):
+        """Let ``norm``'s forward compute its template rows in the same pass
+        (:func:`~iq_transform.kernels.fused_norm.fused_norm_templates`) wherever
+        the fused kernel runs, and run the norm itself everywhere else."""
+
+        def forward(module, hidden_states, *args, **kwargs):
+            if not args and not kwargs and module is norm:
+                output = self._fused_norm_output(
+                    name, norm, hidden_states, cast_before_weight
+                )
+                if output is not None:
+                    return output
+            return type(module).forward(module, hidden_states, *args, **kwargs)
+
+        if "_original_forward_func" in vars(norm):  # inside the offload wrapper
+            norm._original_forward_func = forward
+        else:
+            norm.forward = types.MethodType(forward, norm)
+        self._fused_norms[id(norm)] = (norm, forward)
+
+    def _unfuse_norms(self) -> None:
+        """Give every fused norm its own forward back (inside the offload wrapper,
+        if it still has one)."""
+        for norm, forward in self._fused_norms.values():
+            if vars(norm).get("_original_forward_func") is forward:
+                norm._original_forward_func = type(norm).forward
+            elif getattr(vars(norm).get("forward"), "__func__", None) is forward:
+                del norm.forward
+        self._fused_norms.clear()
+
+    def _fused_norm_output(
+        self, name: str, norm: nn.Module, hidden: torch.Tensor, cast_before_weight: bool
+    ) -> torch.Tensor | None:
+        """The norm's output with its template rows, or ``None`` where the fused
+        kernel does not apply (the norm then runs, and its hook inserts)."""
+        state = self.current
+        if state is None or self.collecting or not isinstance(hidden, torch.Tensor):
+            return None
+        weight = getattr(norm, "weight", None)
+        if (
+            not self.runtime.fuses_norms_on(hidden)
+            or weight is None
+            or weight.device != hidden.device
+            or (cast_before_weight and weight.dtype != hidden.dtype)
+            or not hidden.is_contiguous()
+            or hidden.shape[-1] > FUSED_NORM_MAX_WIDTH
+            or (hidden.requires_grad and torch.is_grad_enabled())
+        ):
+            return None
+        templates = self.resident_templates(hidden.device).norm_templates.get(name)
+        if templates is None:
+            return None
+        rows = state.rows()
+        if rows.shape != hidden.shape[:-1]:
+            return None
+        global _fused_norm_templates
+        if _fused_norm_templates is None:  # the kernels import this module
+            from iq_transform.kernels.fused_norm import fused_norm_templates
+
+            _fused_norm_templates = fused_norm_templates
+        output = _fused_norm_templates(
+            hidden,
+            weight,
+            _norm_epsilon(norm),
+            weight_offset=self.arch.norm_weight_offset,
+            templates=templates,
+            kinds=state.kinds,
+            rows=rows,
+            cast_before_weight=cast_before_weight,
+        )
+        state.fused.add(name)
+        return output
 
     def _norm_hook(self, name: str, norm: nn.Module):
         def after_norm(module, args, output):
@@ -474,6 +600,8 @@ class LayerRuntime:
                         normalized[state.carriers],
                         state.kinds[state.carriers],
                     )
+                return None
+            if name in state.fused:
                 return None
             values = self._scaled_norm_template(name, module, output)
             if values is None:
@@ -731,6 +859,15 @@ class SpikeFreeRuntime:
         sequences too short for a median (decode steps). Within a model forward
         only (llm-compressor's layer-major passes keep the threshold), and the chain
         restarts after a layer without carriers
+    :param fuse_norms: the norms that feed templated linears compute their
+        template rows in their own pass, one kernel
+        (:func:`~iq_transform.kernels.fused_norm.fused_norm_templates`), where the
+        model's norm takes eight launches and the insertion one more. ``None``:
+        where Triton runs it (CUDA); ``True``: everywhere, through its torch
+        reference elsewhere (the same arithmetic as transformers' norms: how CPU
+        tests check the fused path); ``False``: the norms run themselves and the
+        templates are written after them. Transformers' Llama- and Gemma-style
+        RMSNorms only; other norms always run themselves
 
     Set ``enabled = False`` to run the model's own forward with the runtime in
     place (templates and their copies on the device kept), ``True`` to resume.
@@ -743,6 +880,7 @@ class SpikeFreeRuntime:
         ratio: float = 64.0,
         exact_template_rows: bool = True,
         follow_carriers: bool = False,
+        fuse_norms: bool | None = None,
     ):
         if hasattr(model, _RUNTIME_ATTRIBUTE):
             raise RuntimeError(
@@ -752,6 +890,7 @@ class SpikeFreeRuntime:
         self.model, self.arch, self.ratio = model, arch, ratio
         self.exact_template_rows = exact_template_rows
         self.follow_carriers = follow_carriers
+        self.fuse_norms = fuse_norms
         # False: every hook returns at once, templates and their device copies kept
         # (the model's own forward, e.g. to time or compare against)
         self.enabled = True
@@ -775,6 +914,12 @@ class SpikeFreeRuntime:
         setattr(model, _RUNTIME_ATTRIBUTE, self)
         for callback in _INSTALL_CALLBACKS:
             callback(self)
+
+    def fuses_norms_on(self, hidden: torch.Tensor) -> bool:
+        """Whether the norms fed ``hidden`` compute their template rows fused."""
+        if self.fuse_norms is None:
+            return triton_runs_on(hidden)
+        return self.fuse_norms
 
     # -- model-level bookkeeping ----------------------------------------------
     def _before_model(self, module, args, kwargs):
