@@ -22,6 +22,7 @@ from pathlib import Path
 import torch
 import transformers.models.llama.modeling_llama as llama
 
+import iq_transform.kernels.fused_norm as fused_norm
 import iq_transform.spikefree.row_decisions as row_decisions
 import iq_transform.spikefree.row_writes as row_writes
 import iq_transform.spikefree.runtime as runtime_module
@@ -38,6 +39,9 @@ WRAPPED = {
         "_before_down_proj",
         "_after_down_proj",
         "_scaled_norm_template",
+        "_fused_norm_output",
+        "_hook_norms",
+        "_order_down_proj_hooks",
     ),
     runtime_module.SpikeFreeRuntime: (
         "spike_rows",
@@ -48,7 +52,9 @@ WRAPPED = {
     runtime_module: ("insert_templates", "zero_rows", "_quantizes_input"),
     row_writes: ("write_rows",),
     row_decisions: ("decide_rows", "detect_rows"),
+    fused_norm: ("fused_norm_templates",),
     llama.LlamaDecoderLayer: ("forward",),
+    llama.LlamaRMSNorm: ("forward",),
     llama.LlamaForCausalLM: ("forward",),
 }
 

@@ -80,13 +80,14 @@ _NORM_OFFSETS: dict[type, float] = {}
 
 def _fused_kernel_alone(norm, hidden_states):
     offset = _NORM_OFFSETS[type(norm)]
-    return fused_norm_templates(
+    output, _ = fused_norm_templates(
         hidden_states,
         norm.weight,
         float(getattr(norm, "variance_epsilon", getattr(norm, "eps", 1e-6))),
         weight_offset=offset,
         cast_before_weight=offset == 0.0,
     )
+    return output
 
 
 def install(layers, templates, variant: str) -> None:

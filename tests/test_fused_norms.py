@@ -67,21 +67,41 @@ def test_reference_is_transformers_norms_then_the_runtimes_rows(dtype):
         eps = getattr(norm, "variance_epsilon", getattr(norm, "eps", None))
         with torch.no_grad():
             expected = norm(x)
-            plain = fused_norm_templates_reference(
+            plain, detected = fused_norm_templates_reference(
                 x, norm.weight, eps, weight_offset=offset,
                 cast_before_weight=cast_before_weight,
             )  # fmt: skip
-            assert torch.equal(plain, expected)
+            assert torch.equal(plain, expected) and detected is None
             inserted = insert_templates(
                 expected.clone(), rows, kinds, templates,
                 scale=norm.weight.float() + offset,
             )  # fmt: skip
-            fused = fused_norm_templates_reference(
+            fused, _ = fused_norm_templates_reference(
                 x, norm.weight, eps, weight_offset=offset, templates=templates,
                 kinds=kinds, rows=rows, cast_before_weight=cast_before_weight,
             )  # fmt: skip
         assert torch.equal(fused, inserted)
         assert not torch.equal(fused[0, 0], expected[0, 0])
+
+
+def test_reference_detection_is_threshold_on_valid_rows_or_rows():
+    x = _activations(torch.float32)
+    x[1, 2, 0] = 700.0
+    valid = torch.ones(2, 6, dtype=torch.bool)
+    valid[1, 2] = False  # padding
+    rows = torch.zeros(2, 6, dtype=torch.bool)
+    rows[1, 4] = True
+    record = torch.zeros(2, 6, dtype=torch.bool)
+    record[0, 3] = True
+    kinds = torch.zeros(2, 6, dtype=torch.long)
+    output, detected = fused_norm_templates_reference(
+        x, torch.ones(48), 1e-6, templates=_templates(), kinds=kinds, rows=rows,
+        threshold=torch.tensor(100.0), valid=valid, record=record,
+        cast_before_weight=True,
+    )  # fmt: skip
+    assert detected.nonzero().tolist() == [[0, 0], [1, 4]]
+    assert record.nonzero().tolist() == [[0, 0], [0, 3], [1, 4]]
+    assert torch.equal(output[0, 0], _templates()[0]) and output[1, 2, 0] > 1
 
 
 def test_bad_norm_forms_are_refused():
@@ -117,8 +137,8 @@ def test_the_kernel_equals_the_reference(dtype, cast_before_weight):
         rows=rows,
         cast_before_weight=cast_before_weight,
     )
-    fused = fused_norm_templates(x, weight, 1e-5, **arguments)
-    reference = fused_norm_templates_reference(x, weight, 1e-5, **arguments)
+    fused, _ = fused_norm_templates(x, weight, 1e-5, **arguments)
+    reference, _ = fused_norm_templates_reference(x, weight, 1e-5, **arguments)
     assert fused.dtype == dtype and fused.shape == x.shape
     ulp = torch.finfo(dtype).eps
     gap = (fused.float() - reference.float()).abs()
@@ -129,10 +149,34 @@ def test_the_kernel_equals_the_reference(dtype, cast_before_weight):
         assert torch.equal(fused[rows], reference[rows])
     assert (gap[rows] <= ulp * reference[rows].float().abs()).all()
     assert (gap <= 2 * ulp * reference.float().abs() + 1e-30).all()
-    plain = fused_norm_templates(
+    plain, _ = fused_norm_templates(
         x, weight, 1e-5, weight_offset=offset, cast_before_weight=cast_before_weight
     )
     assert torch.equal(plain[~rows], fused[~rows])
+    # a decode step's detection in the same pass: the planted 900 is over 100,
+    # the padded row 1 of sequence 1 is not a spike row whatever its max
+    x[1, 1, 7] = 500.0
+    plain, _ = fused_norm_templates(
+        x, weight, 1e-5, weight_offset=offset, cast_before_weight=cast_before_weight
+    )
+    valid = torch.ones(2, 7, dtype=torch.bool, device=DEVICE)
+    valid[1, 1] = False
+    outputs = []
+    for function in (fused_norm_templates, fused_norm_templates_reference):
+        record = torch.zeros(2, 7, dtype=torch.bool, device=DEVICE)
+        record[1, 2] = True
+        output, detected = function(
+            x, weight, 1e-5, weight_offset=offset, templates=templates, kinds=kinds,
+            threshold=torch.tensor(100.0, device=DEVICE), valid=valid,
+            record=record, cast_before_weight=cast_before_weight,
+        )  # fmt: skip
+        assert detected.nonzero().tolist() == [[0, 0]]
+        assert record.nonzero().tolist() == [[0, 0], [1, 2]]
+        outputs.append(output)
+    assert torch.equal(outputs[0][0, 0], fused[0, 0])  # the same template row
+    assert torch.equal(outputs[0][~detected], plain[~detected])
+    gap = (outputs[0].float() - outputs[1].float()).abs()
+    assert (gap <= 2 * ulp * outputs[1].float().abs() + 1e-30).all()
 
 
 def _count_fused_calls(monkeypatch) -> list:
@@ -141,7 +185,7 @@ def _count_fused_calls(monkeypatch) -> list:
     monkeypatch.setattr(runtime_module, "_fused_norm_templates", None)
 
     def counting(*args, **kwargs):
-        calls.append(kwargs["rows"].shape)
+        calls.append("threshold" in kwargs)
         return fused_norm_templates(*args, **kwargs)
 
     monkeypatch.setattr(
@@ -187,6 +231,8 @@ def test_fused_norms_in_generation_and_after_removal(calibrated, monkeypatch):
     fused = model.generate(**prompt, **settings)
     assert torch.equal(fused, hooked)
     assert len(calls) > 6  # the prefill's and every decode step's norms
+    if DEVICE == "cuda":  # decode steps detect their spike rows in the norm's pass
+        assert any(calls) and not all(calls)
     norms = [
         layer.layer.get_submodule(name)
         for layer in runtime.layers

@@ -54,6 +54,8 @@ def norm_templates_quant_kernel(
     kinds_ptr,
     rows_in_ptr,
     threshold_ptr,
+    valid_ptr,
+    record_ptr,
     scale_ptr,
     codes_ptr,
     row_scales_ptr,
@@ -69,6 +71,8 @@ def norm_templates_quant_kernel(
     HAS_TEMPLATES: tl.constexpr,
     HAS_ROWS_IN: tl.constexpr,
     HAS_THRESHOLD: tl.constexpr,
+    HAS_VALID: tl.constexpr,
+    RECORD: tl.constexpr,
     DYNAMIC: tl.constexpr,
     IS_FP8: tl.constexpr,
     QMAX: tl.constexpr,
@@ -101,8 +105,15 @@ def norm_templates_quant_kernel(
             flag = tl.load(rows_in_ptr + rows, mask=row_mask, other=0).to(tl.int32)
         if HAS_THRESHOLD:
             amax = tl.max(tl.abs(x), axis=1)
-            flag = flag | (amax > tl.load(threshold_ptr)).to(tl.int32)
+            over = amax > tl.load(threshold_ptr)
+            if HAS_VALID:  # padding is never a spike row
+                valid = tl.load(valid_ptr + rows, mask=row_mask, other=0) != 0
+                over = over & valid
+            flag = flag | over.to(tl.int32)
         templated = flag != 0
+        if RECORD:  # the rows handled in this forward, or-ed in place
+            seen = tl.load(record_ptr + rows, mask=row_mask, other=0) != 0
+            tl.store(record_ptr + rows, (seen | templated).to(tl.int8), mask=row_mask)
         kind = tl.load(kinds_ptr + rows, mask=row_mask, other=0).to(tl.int64)
         template = tl.load(
             templates_ptr + kind[:, None] * K + cols[None, :],

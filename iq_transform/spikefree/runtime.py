@@ -213,6 +213,8 @@ _CAST_BEFORE_WEIGHT_NORMS = frozenset(
 )
 _FLOAT32_WEIGHT_NORMS = frozenset({"GemmaRMSNorm", "Gemma2RMSNorm", "Gemma3RMSNorm"})
 _fused_norm_templates = None
+# the key of the cast down_proj template among a layer's cached template values
+_DOWN_VALUES = "down_proj output"
 
 
 def _own_forward(norm: nn.Module):
@@ -361,7 +363,8 @@ class LayerRuntime:
         self.mlp = layer.get_submodule(self.arch.down_proj.rsplit(".", 1)[0])
         self._templates: LayerTemplates | None = None
         self._resident: LayerTemplates | None = None
-        # per norm: (key, template rows scaled by the norm's weight, in its dtype)
+        # per norm: (key, template rows scaled by the norm's weight, in its dtype);
+        # under _DOWN_VALUES the down_proj output template in the output's dtype
         self._norm_values: dict[str, tuple[tuple, torch.Tensor]] = {}
         # per linear with final weights: (key, norm rows, exact template outputs)
         self._frozen_outputs: dict[int, tuple] = {}
@@ -562,27 +565,41 @@ class LayerRuntime:
             or (hidden.requires_grad and torch.is_grad_enabled())
         ):
             return None
-        templates = self.resident_templates(hidden.device).norm_templates.get(name)
+        layer_templates = self.resident_templates(hidden.device)
+        templates = layer_templates.norm_templates.get(name)
         if templates is None:
-            return None
-        rows = state.rows()
-        if rows.shape != hidden.shape[:-1]:
             return None
         global _fused_norm_templates
         if _fused_norm_templates is None:  # the kernels import this module
             from iq_transform.kernels.fused_norm import fused_norm_templates
 
             _fused_norm_templates = fused_norm_templates
-        output = _fused_norm_templates(
-            hidden,
-            weight,
-            _norm_epsilon(norm),
-            weight_offset=self.arch.norm_weight_offset,
-            templates=templates,
-            kinds=state.kinds,
-            rows=rows,
-            cast_before_weight=cast_before_weight,
-        )
+        arguments = {
+            "weight_offset": self.arch.norm_weight_offset,
+            "templates": templates,
+            "kinds": state.kinds,
+            "cast_before_weight": cast_before_weight,
+        }
+        if state.pending is not None and hidden is state.pending[0]:
+            # a decode step: the layer input's detection runs in this pass
+            output, rows = _fused_norm_templates(
+                hidden,
+                weight,
+                _norm_epsilon(norm),
+                threshold=layer_templates.residual_threshold,
+                valid=state.mask,
+                record=self.runtime._record(hidden),
+                **arguments,
+            )
+            state.pending, state.carriers = None, rows
+            set_excluded_rows(rows)
+        else:
+            rows = state.rows()
+            if rows.shape != hidden.shape[:-1]:
+                return None
+            output, _ = _fused_norm_templates(
+                hidden, weight, _norm_epsilon(norm), rows=rows, **arguments
+            )
         state.fused.add(name)
         return output
 
@@ -755,10 +772,21 @@ class LayerRuntime:
         rows, self._down_rows = self._down_rows, None
         if rows is None:
             return None
-        templates = self.resident_templates(output.device)
         return insert_templates(
-            output, rows, state.kinds, templates.down_template, kind=state.kind
+            output, rows, state.kinds, self._down_values(output), kind=state.kind
         )
+
+    def _down_values(self, output: torch.Tensor) -> torch.Tensor:
+        """The ``down_proj`` output template in ``output``'s dtype and device, cast
+        once (not a cast kernel at every insertion)."""
+        key = (output.dtype, output.device)
+        cached = self._norm_values.get(_DOWN_VALUES)
+        if cached is not None and cached[0] == key:
+            return cached[1]
+        template = self.resident_templates(output.device).down_template
+        values = template.to(device=output.device, dtype=output.dtype)
+        self._norm_values[_DOWN_VALUES] = (key, values)
+        return values
 
     # -- calibration statistics -------------------------------------------------
     def _record_residual(self, token_max, carriers, valid) -> None:
