@@ -22,7 +22,6 @@ from pathlib import Path
 import torch
 import transformers.models.llama.modeling_llama as llama
 
-import iq_transform.kernels.fused_norm as fused_norm
 import iq_transform.spikefree.row_decisions as row_decisions
 import iq_transform.spikefree.row_writes as row_writes
 import iq_transform.spikefree.runtime as runtime_module
@@ -49,10 +48,14 @@ WRAPPED = {
         "begin_forward",
         "end_forward",
     ),
-    runtime_module: ("insert_templates", "zero_rows", "_quantizes_input"),
+    runtime_module: (
+        "insert_templates",
+        "zero_rows",
+        "_quantizes_input",
+        "fused_norm_templates",
+    ),
     row_writes: ("write_rows",),
     row_decisions: ("decide_rows", "detect_rows"),
-    fused_norm: ("fused_norm_templates",),
     llama.LlamaDecoderLayer: ("forward",),
     llama.LlamaRMSNorm: ("forward",),
     llama.LlamaForCausalLM: ("forward",),

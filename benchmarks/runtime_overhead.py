@@ -36,8 +36,8 @@ from iq_transform import SpikeFreeModifier, get_runtime
 from iq_transform.composition.pipeline import apply_recipe
 from iq_transform.evaluation.data import TextSource, calibration_windows, load_documents
 from iq_transform.evaluation.host_syncs import count_host_syncs
-from iq_transform.kernels.fused_norm import fused_norm_templates
 from iq_transform.models import load_model
+from iq_transform.spikefree.norm_rows import fused_norm_templates
 from iq_transform.spikefree.row_writes import triton_runs_on
 
 # untimed runs of each variant first: the first timed row paid for clocks ramping up

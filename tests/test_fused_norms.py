@@ -14,12 +14,12 @@ from transformers.models.llama.modeling_llama import LlamaRMSNorm
 
 from iq_transform import SpikeFreeModifier, get_runtime
 from iq_transform.composition.pipeline import apply_recipe
-from iq_transform.kernels.fused_norm import (
+from iq_transform.models import load_model
+from iq_transform.spikefree import runtime as runtime_module
+from iq_transform.spikefree.norm_rows import (
     fused_norm_templates,
     fused_norm_templates_reference,
 )
-from iq_transform.models import load_model
-from iq_transform.spikefree import runtime as runtime_module
 from iq_transform.spikefree.runtime import (
     SpikeFreeRuntime,
     _own_forward,
@@ -181,16 +181,12 @@ def test_the_kernel_equals_the_reference(dtype, cast_before_weight):
 
 def _count_fused_calls(monkeypatch) -> list:
     calls = []
-    # the runtime imports the function at its first call
-    monkeypatch.setattr(runtime_module, "_fused_norm_templates", None)
 
     def counting(*args, **kwargs):
         calls.append("threshold" in kwargs)
         return fused_norm_templates(*args, **kwargs)
 
-    monkeypatch.setattr(
-        "iq_transform.kernels.fused_norm.fused_norm_templates", counting
-    )
+    monkeypatch.setattr(runtime_module, "fused_norm_templates", counting)
     return calls
 
 

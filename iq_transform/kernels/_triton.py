@@ -10,6 +10,8 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
+from iq_transform.spikefree.norm_rows import rms_normalized, with_template_rows
+
 FP8_MAX = tl.constexpr(448.0)
 INT8_MIN = tl.constexpr(-128.0)
 INT8_MAX = tl.constexpr(127.0)
@@ -54,8 +56,6 @@ def norm_templates_quant_kernel(
     kinds_ptr,
     rows_in_ptr,
     threshold_ptr,
-    valid_ptr,
-    record_ptr,
     scale_ptr,
     codes_ptr,
     row_scales_ptr,
@@ -71,18 +71,11 @@ def norm_templates_quant_kernel(
     HAS_TEMPLATES: tl.constexpr,
     HAS_ROWS_IN: tl.constexpr,
     HAS_THRESHOLD: tl.constexpr,
-    HAS_VALID: tl.constexpr,
-    RECORD: tl.constexpr,
     DYNAMIC: tl.constexpr,
     IS_FP8: tl.constexpr,
     QMAX: tl.constexpr,
-    QUANTIZE: tl.constexpr,
-    CAST_BEFORE_WEIGHT: tl.constexpr,
-    STORE_ROWS: tl.constexpr,
 ):
-    # ROWS rows per program: the weight is loaded once for all of them. Without
-    # QUANTIZE, ``codes_ptr`` is the norm's output in its own dtype (the runtime's
-    # fake-quant path, where the linears quantize their inputs themselves)
+    # ROWS rows per program: the weight is loaded once for all of them
     rows = tl.program_id(0).to(tl.int64) * ROWS + tl.arange(0, ROWS)
     row_mask = rows < M
     cols = tl.arange(0, BLOCK)
@@ -93,47 +86,26 @@ def norm_templates_quant_kernel(
     ).to(tl.float32)
     w = tl.load(weight_ptr + cols, mask=col_mask, other=0.0).to(tl.float32)
     w = (w + weight_offset)[None, :]
-    mean_square = tl.sum(x * x, axis=1) / K
-    normalized = x * tl.rsqrt(mean_square + eps)[:, None]
-    if CAST_BEFORE_WEIGHT:
-        # Llama's norm: the normalized rows in the output dtype, then the weight
-        normalized = normalized.to(codes_ptr.dtype.element_ty).to(tl.float32)
-    y = normalized * w
+    y = rms_normalized(x, K, eps) * w
     if HAS_TEMPLATES:
         flag = tl.zeros([ROWS], dtype=tl.int32)
         if HAS_ROWS_IN:
             flag = tl.load(rows_in_ptr + rows, mask=row_mask, other=0).to(tl.int32)
         if HAS_THRESHOLD:
             amax = tl.max(tl.abs(x), axis=1)
-            over = amax > tl.load(threshold_ptr)
-            if HAS_VALID:  # padding is never a spike row
-                valid = tl.load(valid_ptr + rows, mask=row_mask, other=0) != 0
-                over = over & valid
-            flag = flag | over.to(tl.int32)
-        templated = flag != 0
-        if RECORD:  # the rows handled in this forward, or-ed in place
-            seen = tl.load(record_ptr + rows, mask=row_mask, other=0) != 0
-            tl.store(record_ptr + rows, (seen | templated).to(tl.int8), mask=row_mask)
-        kind = tl.load(kinds_ptr + rows, mask=row_mask, other=0).to(tl.int64)
-        template = tl.load(
-            templates_ptr + kind[:, None] * K + cols[None, :],
-            mask=mask & templated[:, None],
-            other=0.0,
+            flag = flag | (amax > tl.load(threshold_ptr)).to(tl.int32)
+        y, templated = with_template_rows(
+            y, w, templates_ptr, kinds_ptr, rows, row_mask, cols, mask, flag, K
         )
-        y = tl.where(templated[:, None], template.to(tl.float32) * w, y)
-        if STORE_ROWS:
-            tl.store(rows_out_ptr + rows, templated.to(tl.int8), mask=row_mask)
-    out = codes_ptr + rows[:, None] * stride_codes + cols[None, :]
-    if QUANTIZE:
-        if DYNAMIC:
-            amax_y = tl.max(tl.abs(y), axis=1)
-            scale = tl.maximum(amax_y / QMAX, MIN_DYNAMIC_SCALE)
-        else:
-            scale = tl.load(scale_ptr) + tl.zeros([ROWS], dtype=tl.float32)
-        tl.store(out, _quantize_row(y, scale[:, None], IS_FP8), mask=mask)
-        tl.store(row_scales_ptr + rows, scale, mask=row_mask)
+        tl.store(rows_out_ptr + rows, templated.to(tl.int8), mask=row_mask)
+    if DYNAMIC:
+        amax_y = tl.max(tl.abs(y), axis=1)
+        scale = tl.maximum(amax_y / QMAX, MIN_DYNAMIC_SCALE)
     else:
-        tl.store(out, y.to(codes_ptr.dtype.element_ty), mask=mask)
+        scale = tl.load(scale_ptr) + tl.zeros([ROWS], dtype=tl.float32)
+    codes = _quantize_row(y, scale[:, None], IS_FP8)
+    tl.store(codes_ptr + rows[:, None] * stride_codes + cols[None, :], codes, mask=mask)
+    tl.store(row_scales_ptr + rows, scale, mask=row_mask)
 
 
 @triton.jit

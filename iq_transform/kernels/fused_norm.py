@@ -3,9 +3,6 @@
 - :func:`fused_norm_templates_quant`: RMSNorm (Llama's ``w`` and Gemma's ``1 + w``
   forms) + template rows for spike tokens + static per-tensor (or dynamic per-token)
   quantization of its output;
-- :func:`fused_norm_templates`: the same norm and template rows, output in the
-  input's dtype (the runtime's norms on the fake-quantized path: one launch where
-  the model's own norm takes eight and the row insertion one more);
 - :func:`silu_mul_quant`: the GLU product ``SiLU(gate) * up`` (where ``down_proj``
   spikes live) + exact template rows of the carriers + zeroed ``down_proj`` spike
   rows + quantization;
@@ -30,8 +27,6 @@ __all__ = [
     "MIN_DYNAMIC_SCALE",
     "QuantizedRows",
     "uses_triton",
-    "fused_norm_templates",
-    "fused_norm_templates_reference",
     "fused_norm_templates_quant",
     "fused_norm_templates_quant_reference",
     "silu_mul_quant",
@@ -205,8 +200,6 @@ def fused_norm_templates_quant(
         kinds.reshape(-1) if has_templates else dummy,
         rows.reshape(-1).view(torch.int8) if rows is not None else dummy,
         threshold if threshold is not None else dummy,
-        dummy,  # no valid mask
-        dummy,  # no record
         scale if scale is not None else dummy,
         codes,
         row_scales,
@@ -222,181 +215,14 @@ def fused_norm_templates_quant(
         HAS_TEMPLATES=has_templates,
         HAS_ROWS_IN=rows is not None,
         HAS_THRESHOLD=threshold is not None,
-        HAS_VALID=False,
-        RECORD=False,
         DYNAMIC=scale is None,
         IS_FP8=code_dtype == torch.float8_e4m3fn,
         QMAX=qmax,
-        QUANTIZE=True,
-        CAST_BEFORE_WEIGHT=False,
-        STORE_ROWS=has_templates,
         num_warps=warps,
     )
     return QuantizedRows(
         codes, row_scales, rows_out.view(torch.bool) if has_templates else None
     )
-
-
-def _check_norm_form(x, weight, weight_offset: float, cast_before_weight: bool):
-    if cast_before_weight and weight_offset:
-        raise ValueError(
-            "cast_before_weight is Llama's norm (weight times the normalized rows in "
-            "the output dtype): it has no weight offset"
-        )
-    if cast_before_weight and weight.dtype != x.dtype:
-        raise ValueError(
-            f"Llama's norm with a {weight.dtype} weight on {x.dtype} activations "
-            "returns the promoted dtype: cast the norm to the activations' dtype"
-        )
-
-
-def fused_norm_templates_reference(
-    x: torch.Tensor,
-    weight: torch.Tensor,
-    eps: float,
-    *,
-    weight_offset: float = 0.0,
-    templates: torch.Tensor | None = None,
-    kinds: torch.Tensor | None = None,
-    rows: torch.Tensor | None = None,
-    threshold: torch.Tensor | None = None,
-    valid: torch.Tensor | None = None,
-    record: torch.Tensor | None = None,
-    cast_before_weight: bool = False,
-) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """Eager reference of :func:`fused_norm_templates`: the transformers norms'
-    own arithmetic, then the runtime's template rows."""
-    _check_templates(templates, kinds, rows, threshold, x.shape[-1])
-    _check_norm_form(x, weight, weight_offset, cast_before_weight)
-    hidden = x.float()
-    normalized = hidden * torch.rsqrt(hidden.pow(2).mean(-1, keepdim=True) + eps)
-    if cast_before_weight:
-        y = weight * normalized.to(x.dtype)
-    else:
-        y = (normalized * (weight.float() + weight_offset)).to(x.dtype)
-    if templates is None:
-        return y, None
-    templated = torch.zeros(x.shape[:-1], dtype=torch.bool, device=x.device)
-    if threshold is not None:
-        over = hidden.abs().amax(-1) > threshold.float()
-        templated = over if valid is None else over & valid
-    if rows is not None:
-        templated = templated | rows
-    if record is not None:
-        record |= templated
-    values = (templates.float() * (weight.float() + weight_offset)).to(x.dtype)
-    y = torch.where(templated.unsqueeze(-1), values[kinds], y)
-    return y, templated if threshold is not None else None
-
-
-_NORM_LAUNCH = None
-
-
-def _int8(mask: torch.Tensor) -> torch.Tensor:
-    return (mask if mask.is_contiguous() else mask.contiguous()).view(torch.int8)
-
-
-def fused_norm_templates(
-    x: torch.Tensor,
-    weight: torch.Tensor,
-    eps: float,
-    *,
-    weight_offset: float = 0.0,
-    templates: torch.Tensor | None = None,
-    kinds: torch.Tensor | None = None,
-    rows: torch.Tensor | None = None,
-    threshold: torch.Tensor | None = None,
-    valid: torch.Tensor | None = None,
-    record: torch.Tensor | None = None,
-    cast_before_weight: bool = False,
-) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """RMSNorm with the template rows of spike tokens, in ``x``'s dtype, one pass.
-
-    Row ``i`` is the norm of ``x_i``, or ``templates[kinds[i]] * (weight +
-    weight_offset)`` where ``rows[i]`` is set or (a decode step's detection, in
-    the same pass) ``max|x_i| > threshold`` on a ``valid`` row. The kernel's rows
-    equal the reference's up to the last bit of the norm (reduction order,
-    ``rsqrt``).
-
-    :param x: (..., K) activations, contiguous
-    :param weight: (K,) the norm's weight
-    :param eps: the norm's epsilon
-    :param weight_offset: 1.0 for Gemma's ``(1 + w)`` norms
-    :param templates: (kinds, K) float32 pre-weight templates, or ``None``
-    :param kinds: (...,) integer spike kind of each row (with ``templates``)
-    :param rows: (...,) bool rows to template
-    :param threshold: device scalar: rows whose max |x| exceeds it are templated
-    :param valid: (...,) bool real tokens (with ``threshold``): padding never is
-    :param record: (...,) bool the templated rows are or-ed into, in place
-    :param cast_before_weight: Llama's form: the normalized rows are cast to
-        ``x``'s dtype before the weight multiplies them (Gemma's multiplies in
-        float32 and casts once)
-    :return: the output, and with ``threshold`` the templated rows (else ``None``)
-    """
-    if not uses_triton(x):
-        return fused_norm_templates_reference(
-            x, weight, eps, weight_offset=weight_offset, templates=templates,
-            kinds=kinds, rows=rows, threshold=threshold, valid=valid, record=record,
-            cast_before_weight=cast_before_weight,
-        )  # fmt: skip
-    global _NORM_LAUNCH
-    if _NORM_LAUNCH is None:
-        from iq_transform.kernels import _triton
-        from iq_transform.spikefree.triton_launch import FastLaunch
-
-        _NORM_LAUNCH = (FastLaunch(_triton.norm_templates_quant_kernel), _triton)
-    launch, _triton = _NORM_LAUNCH
-    # the hot path of every norm of every layer: checks that read no device data
-    _check_templates(templates, kinds, rows, threshold, x.shape[-1])
-    _check_norm_form(x, weight, weight_offset, cast_before_weight)
-    width = x.shape[-1]
-    count = x.numel() // width
-    output = torch.empty_like(x, memory_format=torch.contiguous_format)
-    detected = None
-    if threshold is not None:
-        detected = torch.empty(x.shape[:-1], dtype=torch.bool, device=x.device)
-    block, warps = _triton.launch_config(width, _triton.NORM_ROWS)
-    has_templates = templates is not None
-    launch(
-        (triton_cdiv(count, _triton.NORM_ROWS),),
-        (
-            x if x.is_contiguous() else x.contiguous(),
-            weight,
-            templates.contiguous() if has_templates else x,
-            kinds.contiguous() if has_templates else x,
-            x if rows is None else _int8(rows),
-            x if threshold is None else threshold,
-            x if valid is None else _int8(valid),
-            x if record is None else _int8(record),
-            x,  # no scale
-            output,
-            x,  # no row scales
-            x if detected is None else detected.view(torch.int8),
-            count,
-            width,
-            width,
-            width,
-            eps,
-            float(weight_offset),
-        ),
-        {
-            "ROWS": _triton.NORM_ROWS,
-            "BLOCK": block,
-            "HAS_TEMPLATES": has_templates,
-            "HAS_ROWS_IN": rows is not None,
-            "HAS_THRESHOLD": threshold is not None,
-            "HAS_VALID": valid is not None,
-            "RECORD": record is not None,
-            "DYNAMIC": False,
-            "IS_FP8": False,
-            "QMAX": 127.0,
-            "QUANTIZE": False,
-            "CAST_BEFORE_WEIGHT": cast_before_weight,
-            "STORE_ROWS": detected is not None,
-        },
-        num_warps=warps,
-    )
-    return output, detected
 
 
 def silu_mul_quant_reference(

@@ -51,6 +51,7 @@ from iq_transform.spikefree.exact_rows import (
     linear_with_unquantized_input,
     through_pre_hooks,
 )
+from iq_transform.spikefree.norm_rows import fused_norm_templates
 from iq_transform.spikefree.row_decisions import row_decider, row_detector
 from iq_transform.spikefree.row_writes import row_writer, triton_runs_on
 from iq_transform.spikefree.rows import set_excluded_rows
@@ -212,7 +213,6 @@ _CAST_BEFORE_WEIGHT_NORMS = frozenset(
     }
 )
 _FLOAT32_WEIGHT_NORMS = frozenset({"GemmaRMSNorm", "Gemma2RMSNorm", "Gemma3RMSNorm"})
-_fused_norm_templates = None
 # the key of the cast down_proj template among a layer's cached template values
 _DOWN_VALUES = "down_proj output"
 
@@ -518,7 +518,7 @@ class LayerRuntime:
 
     def _fuse_norm(self, name: str, norm: nn.Module, cast_before_weight: bool):
         """Let ``norm``'s forward compute its template rows in the same pass
-        (:func:`~iq_transform.kernels.fused_norm.fused_norm_templates`) wherever
+        (:func:`~iq_transform.spikefree.norm_rows.fused_norm_templates`) wherever
         the fused kernel runs, and run the norm itself everywhere else."""
 
         def forward(module, hidden_states, *args, **kwargs):
@@ -569,11 +569,6 @@ class LayerRuntime:
         templates = layer_templates.norm_templates.get(name)
         if templates is None:
             return None
-        global _fused_norm_templates
-        if _fused_norm_templates is None:  # the kernels import this module
-            from iq_transform.kernels.fused_norm import fused_norm_templates
-
-            _fused_norm_templates = fused_norm_templates
         arguments = {
             "weight_offset": self.arch.norm_weight_offset,
             "templates": templates,
@@ -582,7 +577,7 @@ class LayerRuntime:
         }
         if state.pending is not None and hidden is state.pending[0]:
             # a decode step: the layer input's detection runs in this pass
-            output, rows = _fused_norm_templates(
+            output, rows = fused_norm_templates(
                 hidden,
                 weight,
                 _norm_epsilon(norm),
@@ -597,7 +592,7 @@ class LayerRuntime:
             rows = state.rows()
             if rows.shape != hidden.shape[:-1]:
                 return None
-            output, _ = _fused_norm_templates(
+            output, _ = fused_norm_templates(
                 hidden, weight, _norm_epsilon(norm), rows=rows, **arguments
             )
         state.fused.add(name)
@@ -889,7 +884,7 @@ class SpikeFreeRuntime:
         restarts after a layer without carriers
     :param fuse_norms: the norms that feed templated linears compute their
         template rows in their own pass, one kernel
-        (:func:`~iq_transform.kernels.fused_norm.fused_norm_templates`), where the
+        (:func:`~iq_transform.spikefree.norm_rows.fused_norm_templates`), where the
         model's norm takes eight launches and the insertion one more. ``None``:
         where Triton runs it (CUDA); ``True``: everywhere, through its torch
         reference elsewhere (the same arithmetic as transformers' norms: how CPU
