@@ -5,6 +5,7 @@ The torch reference has transformers' own norm arithmetic, so on the CPU the fus
 path must give the hook path's logits bit for bit; the Triton kernel is checked
 against the reference where Triton runs (CUDA, or ``TRITON_INTERPRET=1``)."""
 
+import importlib
 import os
 
 import pytest
@@ -82,6 +83,36 @@ def test_reference_is_transformers_norms_then_the_runtimes_rows(dtype):
             )  # fmt: skip
         assert torch.equal(fused, inserted)
         assert not torch.equal(fused[0, 0], expected[0, 0])
+
+
+def _norm_class(name: str):
+    family = name.removesuffix("RMSNorm").lower()
+    module = importlib.import_module(f"transformers.models.{family}.modeling_{family}")
+    return getattr(module, name)
+
+
+@pytest.mark.parametrize(
+    "name",
+    sorted(
+        runtime_module._CAST_BEFORE_WEIGHT_NORMS | runtime_module._FLOAT32_WEIGHT_NORMS
+    ),
+)
+def test_every_norm_class_the_runtime_fuses_computes_the_reference(name):
+    cast_before_weight = name in runtime_module._CAST_BEFORE_WEIGHT_NORMS
+    norm = _norm_class(name)(48, eps=1e-5)
+    with torch.no_grad():
+        norm.weight.copy_(torch.linspace(-0.5, 2.0, 48))
+    for dtype in (torch.float32, torch.bfloat16):
+        x = _activations(dtype)
+        norm.to(dtype)
+        eps = getattr(norm, "variance_epsilon", getattr(norm, "eps", None))
+        with torch.no_grad():
+            expected = norm(x)
+        output, _ = fused_norm_templates_reference(
+            x, norm.weight, eps, weight_offset=0.0 if cast_before_weight else 1.0,
+            cast_before_weight=cast_before_weight,
+        )  # fmt: skip
+        assert torch.equal(output, expected), (name, dtype)
 
 
 def test_reference_detection_is_threshold_on_valid_rows_or_rows():
