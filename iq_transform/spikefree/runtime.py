@@ -124,6 +124,54 @@ FUSED_NORM_MAX_WIDTH = 16384
 _ZEROS: dict[tuple, torch.Tensor] = {}
 
 
+# the last few (rows, kinds) tensors written by index on the host, with their flat
+# indices: one layer's insertions (its norms, the linears they feed, down_proj)
+# share one rows tensor, so the rows are found once, not at every write
+_HOST_ROWS_ENTRIES = 2
+_HOST_ROWS: list[tuple] = []
+
+
+def _host_rows(
+    rows: torch.Tensor, kinds: torch.Tensor | None
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Flat indices of the ``rows`` that are set, and those rows' ``kinds``,
+    computed once per tensor (references held, so an ``id`` is never reused while
+    cached; versions catch writes in place)."""
+    for entry in _HOST_ROWS:
+        cached_rows, rows_version, cached_kinds, kinds_version, flat, flat_kinds = entry
+        if (
+            cached_rows is rows
+            and rows_version == rows._version
+            and (
+                kinds is None
+                or (cached_kinds is kinds and kinds_version == kinds._version)
+            )
+        ):
+            return flat, flat_kinds
+    flat = rows.reshape(-1).nonzero().squeeze(1)
+    flat_kinds = None if kinds is None else kinds.reshape(-1).index_select(0, flat)
+    entry = (rows, rows._version, kinds, None if kinds is None else kinds._version)
+    _HOST_ROWS.insert(0, (*entry, flat, flat_kinds))
+    del _HOST_ROWS[_HOST_ROWS_ENTRIES:]
+    return flat, flat_kinds
+
+
+def _write_host_rows(
+    tensor: torch.Tensor, flat: torch.Tensor, values: torch.Tensor | None
+) -> None:
+    """Rows ``flat`` of ``tensor`` (batch, tokens, features), in place: ``values``
+    (one row each), or zeros."""
+    if tensor.is_contiguous():
+        rows = tensor.view(-1, tensor.shape[-1])
+        if values is None:
+            rows.index_fill_(0, flat, 0.0)
+        else:
+            rows.index_copy_(0, flat, values)
+        return
+    index = torch.unravel_index(flat, tensor.shape[:-1])
+    tensor[index] = 0.0 if values is None else values
+
+
 def _in_place_kernel(output: torch.Tensor, rows: torch.Tensor):
     """The row-writing kernel, where it may write ``output`` in place."""
     if (
@@ -168,9 +216,9 @@ def insert_templates(
         values = values + shift
     values = values.to(device=output.device, dtype=output.dtype)
     if _indexed(output):
-        index = rows.nonzero(as_tuple=True)
-        if index[0].numel():
-            output[index] = values[kinds[index]]
+        flat, flat_kinds = _host_rows(rows, kinds)
+        if flat.numel():
+            _write_host_rows(output, flat, values.index_select(0, flat_kinds))
         return output
     if (kernel := _in_place_kernel(output, rows)) is not None:
         return kernel(output, rows, kinds, values)
@@ -184,9 +232,9 @@ def zero_rows(
     """``hidden`` (a fresh tensor) with ``rows`` set to zero, in place (``kinds``,
     any long tensor of ``rows``' shape, spares the kernel path a fill)."""
     if _indexed(hidden):
-        index = rows.nonzero(as_tuple=True)
-        if index[0].numel():
-            hidden[index] = 0.0
+        flat, _ = _host_rows(rows, None)
+        if flat.numel():
+            _write_host_rows(hidden, flat, None)
         return hidden
     if (kernel := _in_place_kernel(hidden, rows)) is not None:
         width = hidden.shape[-1]
@@ -675,8 +723,10 @@ class LayerRuntime:
                 return None
             if feeds_down_proj and templates.down_template is not None:
                 return None  # carrier rows are zeroed before down_proj anyway
-            precomputed = getattr(module, "template_outputs", None)
-            if precomputed is None and frozen_weights(module):
+            outputs = getattr(module, "template_outputs", None)
+            if outputs is not None:
+                pass  # computed once from the templates (int8 CPU execution)
+            elif frozen_weights(module):
                 outputs = self._frozen_template_outputs(norm_name, module, args[0])
             else:
                 outputs = template_row_outputs(module, args[0], state.kind_rows)
