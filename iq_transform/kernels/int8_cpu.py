@@ -23,7 +23,7 @@ from compressed_tensors.quantization.lifecycle.forward import quantize
 from loguru import logger
 from torch import nn
 
-from iq_transform.models.offload import move_model
+from iq_transform.models.offload import is_offloaded, move_model
 from iq_transform.spikefree.exact_rows import through_pre_hooks
 from iq_transform.spikefree.runtime import get_runtime
 
@@ -267,15 +267,18 @@ def to_int8_cpu(model: nn.Module, dtype: torch.dtype = torch.float32) -> nn.Modu
         (n, p.device) for n, p in model.named_parameters() if p.device.type != "cpu"
     ]
     if off_cpu:
-        # the kernels are the CPU's; a model that oneshot left on a GPU is dispatched
-        # there by compressed-tensors (every access onloads it), so the dispatch goes
-        # with the move
         name, device = off_cpu[0]
         logger.info(
             f"int8 CPU execution: moving the model to the CPU ({name}: {device})"
         )
         move_model(model, "cpu")
     _decompress(model)
+    if any(is_offloaded(module) for module in model.modules()):
+        # the kernels are the CPU's; a model that oneshot left dispatched (on a GPU,
+        # or on the CPU as decompressing a checkpoint leaves it) onloads at every
+        # access and wraps every module's forward: the dispatch goes (the wrappers
+        # alone cost a decode step 5 %)
+        move_model(model, "cpu")
     weights = {module: _weight_codes(module) for _, module in quantized}
     template_outputs = _template_outputs(model, weights)
     forwards = {}

@@ -559,7 +559,7 @@ class LayerRuntime:
             if id(norm) not in self._norm_handles:
                 hook = self._norm_hook(name, norm)
                 self._norm_handles[id(norm)] = norm.register_forward_hook(hook)
-            if id(norm) in self._fused_norms or self.runtime.fuse_norms is False:
+            if id(norm) in self._fused_norms or not self.runtime.may_fuse_norm(norm):
                 continue
             if (cast_before_weight := _fused_norm_form(norm, self.arch)) is not None:
                 self._fuse_norm(name, norm, cast_before_weight)
@@ -992,6 +992,15 @@ class SpikeFreeRuntime:
         """Whether the norms fed ``hidden`` compute their template rows fused."""
         if self.fuse_norms is None:
             return triton_runs_on(hidden)
+        return self.fuse_norms
+
+    def may_fuse_norm(self, norm: nn.Module) -> bool:
+        """Whether ``norm``'s forward is worth replacing: not where the fused
+        kernel can never run (by default, Triton off the norm's device: its
+        forward would only add a call around the norm's own)."""
+        if self.fuse_norms is None:
+            weight = getattr(norm, "weight", None)
+            return isinstance(weight, torch.Tensor) and triton_runs_on(weight)
         return self.fuse_norms
 
     # -- model-level bookkeeping ----------------------------------------------
