@@ -284,15 +284,19 @@ def test_the_short_sequence_kernel_detects_and_zeroes_what_the_torch_ops_do(dtyp
 
 @needs_row_kernel
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_the_short_sequence_kernel_writes_the_rows_it_detects_elsewhere(dtype):
+@pytest.mark.parametrize("output_width", [300, 120])
+def test_the_short_sequence_kernel_writes_the_rows_it_detects_elsewhere(
+    dtype, output_width
+):
     """A decode step's detection at the layer input writes the first norm's
-    template rows into the norm's output in the same pass."""
+    template rows into the norm's output in the same pass; at the ``down_proj``
+    input, its output template into ``down_proj``'s narrower output."""
     generator = torch.Generator().manual_seed(2)
     hidden = torch.randn(3, 2, 300, generator=generator).to(dtype)
     hidden[1, 0, 5] = 80.0
-    output = torch.randn(3, 2, 300, generator=generator).to(dtype)
+    output = torch.randn(3, 2, output_width, generator=generator).to(dtype)
     kinds = torch.tensor([[0, 1], [1, 1], [0, 1]])
-    values = torch.randn(2, 300, generator=generator).to(dtype)
+    values = torch.randn(2, output_width, generator=generator).to(dtype)
     threshold = torch.tensor(20.0)
     expected = hidden.float().abs().amax(-1) > threshold
     on = dict(device=DEVICE)

@@ -77,8 +77,10 @@ def onload_once_per_forward(model: nn.Module) -> int:
         # (spikefree.exact_rows.through_pre_hooks) must skip this one: without its
         # forward hook the context would stay open
         keep_onloaded.leaves_inputs_alone = True
+        release = partial(_release, stacks)
+        release.leaves_inputs_alone = True  # nor does the runtime count it a reader
         module.register_forward_pre_hook(keep_onloaded)
-        module.register_forward_hook(partial(_release, stacks), always_call=True)
+        module.register_forward_hook(release, always_call=True)
         setattr(module, HOOKED_ATTR, True)
         hooked += 1
     if hooked:

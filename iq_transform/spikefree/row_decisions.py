@@ -108,6 +108,7 @@ if triton is not None:
         kinds_ptr,
         values_ptr,
         N: tl.constexpr,
+        OUT_N: tl.constexpr,
         HAS_VALID: tl.constexpr,
         HAS_ALSO: tl.constexpr,
         RECORD: tl.constexpr,
@@ -117,7 +118,8 @@ if triton is not None:
     ):
         # one program per row: max |x|, the threshold test, and the row zeroed
         # in place where it is a spike row (the down_proj input), or its kind's
-        # values written into the same row of another tensor (the norm's output)
+        # values written into the same row of another tensor (the norm's output,
+        # or down_proj's, OUT_N wide)
         row = tl.program_id(0).to(tl.int64)
         peak = tl.zeros([BLOCK], dtype=tl.float32)
         for start in range(0, N, BLOCK):
@@ -142,12 +144,12 @@ if triton is not None:
         if WRITE:
             kind = tl.load(kinds_ptr + row).to(tl.int64)
             spread = (tl.zeros([BLOCK], dtype=tl.int32) + flagged.to(tl.int32)) != 0
-            for start in range(0, N, BLOCK):
+            for start in range(0, OUT_N, BLOCK):
                 cols = start + tl.arange(0, BLOCK)
-                keep = (cols < N) & spread
-                values = tl.load(values_ptr + kind * N + cols, mask=keep)
+                keep = (cols < OUT_N) & spread
+                values = tl.load(values_ptr + kind * OUT_N + cols, mask=keep)
                 tl.store(
-                    out_ptr + row * N + cols,
+                    out_ptr + row * OUT_N + cols,
                     values.to(out_ptr.dtype.element_ty),
                     mask=keep,
                 )
@@ -240,9 +242,10 @@ def detect_rows(
     :param record: optional bool (batch, tokens) or-ed with the result in place
     :param zero: set the spike rows of ``hidden`` to zero
     :param write: ``(output, kinds, values)``: ``output[rows] =
-        values[kinds[rows]]`` in place, where ``output`` is contiguous and shaped
-        like ``hidden`` (a norm's output), ``kinds`` long (batch, tokens) and
-        ``values`` (kinds, features) in ``output``'s dtype
+        values[kinds[rows]]`` in place, where ``output`` is contiguous (batch,
+        tokens, any width: a norm's output, or ``down_proj``'s from the
+        ``down_proj`` input), ``kinds`` long (batch, tokens) and ``values`` (kinds,
+        output width) in ``output``'s dtype
     :return: bool (batch, tokens)
     """
     batch, tokens, width = hidden.shape
@@ -262,6 +265,7 @@ def detect_rows(
         ),
         {
             "N": width,
+            "OUT_N": width if write is None else write[0].shape[-1],
             "HAS_VALID": valid is not None,
             "HAS_ALSO": also is not None,
             "RECORD": record is not None,

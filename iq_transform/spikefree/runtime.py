@@ -38,6 +38,7 @@ import types
 from dataclasses import dataclass, field
 
 import torch
+from compressed_tensors.quantization import QuantizationStatus
 from llmcompressor.modeling.offset_norm import CalibrationOffsetNorm
 from loguru import logger
 from torch import nn
@@ -122,6 +123,11 @@ KERNEL_MIN_ELEMENTS = 1
 # widest norm the fused kernel computes (one block a row)
 FUSED_NORM_MAX_WIDTH = 16384
 _ZEROS: dict[tuple, torch.Tensor] = {}
+# forwards whose handled rows are kept before they are counted (a decode step's
+# rows are a few bytes each)
+_UNSUMMED_FORWARDS = 256
+# ``down_proj``'s spike rows, when they are found after it from its input
+_DETECT_AFTER = object()
 
 
 # the last few (rows, kinds) tensors written by index on the host, with their flat
@@ -399,6 +405,43 @@ def _quantizes_input(module: nn.Module) -> bool:
         and scheme.input_activations is not None
         and getattr(module, "quantization_enabled", True)
     )
+
+
+# dynamic input quantization whose scales each cover part of one row only
+_ROW_WISE_DYNAMIC = frozenset({"token", "group"})
+_FINAL_STATUSES = frozenset(
+    {
+        QuantizationStatus.FROZEN,
+        QuantizationStatus.COMPRESSED,
+        QuantizationStatus.DECOMPRESSED,
+    }
+)
+
+
+def _rows_stay_apart(module: nn.Module, own_hooks: tuple[int, int]) -> bool:
+    """Whether a spike row left in ``module``'s input changes nothing but its own
+    output row (which the output template then replaces): no hook but the
+    runtime's reads the input (observers, GPTQ's Hessian, transforms; the onload
+    hooks of :mod:`iq_transform.models.offload` read nothing), and its
+    input quantization, if any, is final and takes no scale across rows (static,
+    or dynamic per token or group; not dynamic per tensor)."""
+    hooks = {**module._forward_pre_hooks, **module._forward_hooks}
+    readers = {
+        hook_id
+        for hook_id, hook in hooks.items()
+        if not getattr(hook, "leaves_inputs_alone", False)
+    }
+    if readers != set(own_hooks):
+        return False
+    if module._forward_pre_hooks_with_kwargs or module._forward_hooks_with_kwargs:
+        return False
+    scheme = getattr(module, "quantization_scheme", None)
+    inputs = None if scheme is None else scheme.input_activations
+    if inputs is None or not getattr(module, "quantization_enabled", True):
+        return True
+    if getattr(module, "quantization_status", None) not in _FINAL_STATUSES:
+        return False
+    return not inputs.dynamic or inputs.strategy in _ROW_WISE_DYNAMIC
 
 
 class LayerRuntime:
@@ -722,7 +765,7 @@ class LayerRuntime:
             if norm_name not in templates.norm_templates:
                 return None
             if feeds_down_proj and templates.down_template is not None:
-                return None  # carrier rows are zeroed before down_proj anyway
+                return None  # down_proj's carrier rows become its template anyway
             outputs = getattr(module, "template_outputs", None)
             if outputs is not None:
                 pass  # computed once from the templates (int8 CPU execution)
@@ -793,6 +836,11 @@ class LayerRuntime:
         templates = self.resident_templates(hidden.device)
         if templates.down_template is None:
             return None
+        if _rows_stay_apart(module, self._down_hook_ids):
+            # nothing else sees the spike rows: they are found after the product,
+            # with the output write (one pass on a decode step), and not zeroed
+            self._down_rows = _DETECT_AFTER
+            return None
         # the input is the MLP's fresh activation product in every known layout,
         # so its spike rows are zeroed in place
         self._down_rows = self.runtime.spike_rows(
@@ -817,9 +865,21 @@ class LayerRuntime:
         rows, self._down_rows = self._down_rows, None
         if rows is None:
             return None
-        return insert_templates(
-            output, rows, state.kinds, self._down_values(output), kind=state.kind
-        )
+        values = self._down_values(output)
+        if rows is _DETECT_AFTER:
+            hidden = args[0]
+            write = (output, state.kinds, values)
+            short = row_detector(hidden) is not None and output.is_contiguous()
+            rows = self.runtime.spike_rows(
+                hidden,
+                state.mask,
+                self.resident_templates(hidden.device).down_threshold,
+                also=state.rows() if state.has_carriers else None,
+                write=write if short else None,
+            )
+            if short:
+                return output
+        return insert_templates(output, rows, state.kinds, values, kind=state.kind)
 
     def _down_values(self, output: torch.Tensor) -> torch.Tensor:
         """The ``down_proj`` output template in ``output``'s dtype and device, cast
@@ -969,6 +1029,8 @@ class SpikeFreeRuntime:
         self.enabled = True
         self.attention_mask: torch.Tensor | None = None
         self._seen: torch.Tensor | None = None
+        # the handled rows of forwards not counted into ``_seen`` yet
+        self._unsummed: list[torch.Tensor] = []
         # (batch, tokens) tokens handled in the last model forward, for inspection
         self.last_spike_tokens: torch.Tensor | None = None
         self._forward_rows: torch.Tensor | None = None
@@ -1021,18 +1083,27 @@ class SpikeFreeRuntime:
 
     def end_forward(self) -> None:
         if self._forward_rows is not None:
-            # summed on the device; read only when someone asks
-            counted = self._forward_rows.sum()
-            if self._seen is not None:
-                counted = counted + self._seen.to(counted.device)
-            self._seen = counted
+            # counted when someone asks (or every few hundred forwards): a sum and an
+            # add per forward are two launches a decode step pays for nothing
+            self._unsummed.append(self._forward_rows)
+            if len(self._unsummed) >= _UNSUMMED_FORWARDS:
+                self._sum_seen()
         self.last_spike_tokens = self._forward_rows
         self.attention_mask, self._forward_rows = None, None
         self._in_forward, self._tokens = False, None
 
+    def _sum_seen(self) -> None:
+        for rows in self._unsummed:
+            counted = rows.sum()
+            if self._seen is not None:
+                counted = counted + self._seen.to(counted.device)
+            self._seen = counted
+        self._unsummed.clear()
+
     @property
     def spike_tokens_seen(self) -> int:
         """Spike tokens handled since installation (reading it synchronizes)."""
+        self._sum_seen()
         return 0 if self._seen is None else int(self._seen)
 
     @torch.no_grad()
