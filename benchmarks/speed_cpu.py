@@ -9,8 +9,9 @@ Variants (same model, same tokens, same threads):
 - ``fake-quant``: W8A8 static + SpikeFree after ``oneshot`` (float kernels);
 - ``int8 static + SpikeFree``: the same model through ``to_int8_cpu``, with
   float32 or bf16 everywhere else (norms, attention, ``lm_head``);
-- ``llama.cpp`` (if ``llama-cpp-python`` imports): the model's GGUF and its
-  Q8_0 requantization with llama.cpp's own quantize API.
+- ``llama.cpp`` (if llama-cpp-cffi is installed: ``pip install --no-deps
+  llama-cpp-cffi==0.4.42``, see ``llama_cpp_anchor.py``): the model's GGUF and
+  its Q8_0 requantization with llama.cpp's own quantize API, batch 1 only.
 
 Prefill runs to the last hidden state plus the last token's logits
 (``logits_to_keep=1``, as generation does); a decode step appends one token to a
@@ -104,6 +105,34 @@ def timed(run, repeats: int) -> float:
     return statistics.median(times)
 
 
+# torch.profiler op names whose self time makes up each part of a forward
+PARTS = {
+    "attention": ("scaled_dot_product",),
+    "int8 GEMMs": ("qlinear_pointwise", "linear_dynamic"),
+    "float GEMMs": ("aten::mm", "aten::addmm", "aten::bmm"),
+}
+# what the shares of a forward are taken of
+SHARED_VARIANTS = ("int8 static + SpikeFree (to_int8_cpu)", "dynamic int8")
+
+
+def forward_shares(run) -> dict[str, float]:
+    """Share of one call's CPU self time spent in each of ``PARTS`` (the rest is
+    ``other``: norms, SiLU, adds, quantization, the runtime, Python), from
+    ``torch.profiler``, whose own cost inflates ``other`` a little."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        run()
+    times = {e.key: e.self_cpu_time_total for e in prof.key_averages()}
+    total = sum(times.values())
+    shares = {
+        part: sum(t for key, t in times.items() if any(n in key for n in names)) / total
+        for part, names in PARTS.items()
+    }
+    shares["other"] = 1.0 - sum(shares.values())
+    return shares
+
+
 def build_variants(args, tokenizer_windows) -> dict[str, nn.Module]:
     base, tokenizer = load_model(args.model)
     variants = {"fp32": base}
@@ -142,11 +171,28 @@ def windows_of(tokenizer, path: str, samples: int, seqlen: int = 512):
     return calibration_windows(tokenizer, documents, samples, seqlen)
 
 
-def llama_cpp_variants(args, ids: torch.Tensor) -> dict:
-    """Prefill / decode seconds of llama.cpp on the model's GGUF and its Q8_0."""
+def llama_cpp_variants(args, ids: torch.Tensor) -> dict[str, dict[str, float]]:
+    """Seconds of llama.cpp on the model's GGUF and on that GGUF requantized to Q8_0
+    by llama.cpp's ``llama_model_quantize``, on the same tokens and threads.
+
+    Through llama-cpp-cffi's CPU build (``llama_cpp_anchor``); ``{}`` when it is
+    not installed. Timed like the other variants (``timed``: a warm-up, then the
+    median of interleaved repeats), one ``llama_decode`` each, with logits for the
+    last token only:
+    - ``prefill 1xT``: the KV cache cleared, then the first T tokens of ``ids[0]``
+      as one batch (``n_batch = n_ubatch`` = the longest T: one graph);
+    - ``decode 1 (+C cached)``: token C appended to the C tokens cached, then
+      removed again from the cache (``llama_kv_self_seq_rm``).
+    Batch 8 is not timed: llama.cpp keeps all sequences in one KV cache, and a
+    batch of 8 prompts is cut into ubatches whose attention spans the cells of
+    every sequence, masked, so its time would not be that of 8 prompts.
+    """
     try:
-        import llama_cpp
-    except ImportError:
+        from llama_cpp_anchor import LlamaCpp, library, quantize
+
+        library()
+    except ImportError as error:  # not installed, or its CPU module does not load
+        print(f"llama.cpp skipped: {error}", flush=True)
         return {}
     from iq_transform.models.gguf import locate_gguf
     from iq_transform.models.registry import OFFLINE_MODELS
@@ -154,46 +200,45 @@ def llama_cpp_variants(args, ids: torch.Tensor) -> dict:
     work = Path(args.work_dir)
     work.mkdir(parents=True, exist_ok=True)
     source = locate_gguf(OFFLINE_MODELS[args.model], work)
-    q8 = work / f"{args.model}.Q8_0.gguf"
+    q8 = work / f"{source.stem}.requantized-Q8_0.gguf"
+    threads = torch.get_num_threads()
     if not q8.is_file():
-        params = llama_cpp.llama_model_quantize_default_params()
-        params.ftype = llama_cpp.LLAMA_FTYPE_MOSTLY_Q8_0
-        params.allow_requantize = True
-        status = llama_cpp.llama_model_quantize(
-            str(source).encode(), str(q8).encode(), params
-        )
-        if status != 0:
-            raise RuntimeError(f"llama.cpp could not quantize {source} to Q8_0")
-    results = {}
-    for label, path in ((f"llama.cpp {source.name}", source), ("llama.cpp Q8_0", q8)):
-        llm = llama_cpp.Llama(
-            model_path=str(path),
-            n_ctx=max(args.seqlens) + 8,
-            n_batch=max(args.seqlens),
-            n_threads=torch.get_num_threads(),
-            logits_all=False,
-            verbose=False,
-        )
-        rows = {}
+        quantize(source, q8, "Q8_0", threads)
+    longest = max(*args.seqlens, args.cached + 1)
+    paths = {f"llama.cpp {source.name}": source, "llama.cpp Q8_0 (requantized)": q8}
+    models = {
+        label: LlamaCpp(path, longest + 8, longest, threads)
+        for label, path in paths.items()
+    }
+    tokens = ids[0].tolist()
+    results: dict[str, dict[str, float]] = {label: {} for label in models}
+    try:
         for seqlen in args.seqlens:
-            tokens = ids[0, :seqlen].tolist()
+            key = f"prefill 1x{seqlen}"
+            for label, llm in models.items():  # interleaved, as above
+                batch = llm.batch(tokens[:seqlen])
 
-            def run(llm=llm, tokens=tokens):
-                llm.reset()
-                llm.eval(tokens)
+                def run(llm=llm, batch=batch) -> None:
+                    llm.keep(0)
+                    llm.decode(batch)
 
-            rows[f"prefill 1x{seqlen}"] = timed(run, args.repeats)
-        cached = ids[0, : args.cached].tolist()
-        next_token = int(ids[0, args.cached])
+                results[label][key] = timed(run, args.repeats)
+                print(f"{key} {label}: {results[label][key]:.3f} s", flush=True)
+        key = f"decode 1 (+{args.cached} cached)"
+        for label, llm in models.items():
+            llm.keep(0)
+            llm.decode(llm.batch(tokens[: args.cached]))
+            step = llm.batch(tokens[args.cached : args.cached + 1], args.cached)
 
-        def step(llm=llm, cached=cached, next_token=next_token):
-            llm.n_tokens = len(cached)  # drop the step's token again
-            llm.eval([next_token])
+            def run(llm=llm, step=step) -> None:
+                llm.decode(step)
+                llm.keep(args.cached)
 
-        llm.reset()
-        llm.eval(cached)
-        rows[f"decode 1 (+{args.cached} cached)"] = timed(step, args.repeats)
-        results[label] = rows
+            results[label][key] = timed(run, max(args.repeats, 5))
+            print(f"{key} {label}: {results[label][key] * 1e3:.1f} ms", flush=True)
+    finally:
+        for llm in models.values():
+            llm.close()
     return results
 
 
@@ -265,6 +310,18 @@ def main() -> None:
             torch.device("cpu"),
             max(args.repeats, 5),
         )
+    # where the time of the executed model and of dynamic int8 goes: the part
+    # both share (attention) bounds what faster linears can gain over dynamic
+    shares = {
+        name: {
+            f"prefill {batch}x{seqlen}": forward_shares(
+                lambda m=model, x=ids[:batch, :seqlen]: prefill(m, x)
+            )
+            for batch, seqlen in shapes
+        }
+        for name, model in variants.items()
+        if name.startswith(SHARED_VARIANTS)
+    }
     ppl = {
         name: perplexity(model, evaluation, progress=False).ppl
         for name, model in variants.items()
@@ -287,6 +344,7 @@ def main() -> None:
         "torch": torch.__version__,
         "seconds": times,
         "int8_runtime_overhead": overhead,
+        "forward_shares": shares,
         "ppl": ppl,
         "eval": f"{args.eval_windows}x512 WikiText-2 windows",
         "prefill_linear_flops": floors,
@@ -331,6 +389,12 @@ def print_tables(report: dict) -> None:
             f"| {key} | {row['without_s']:.4f} | {row['with_s']:.4f} | "
             f"{row['ratio']:.3f} |"
         )
+    print("\n| variant | shape | attention | int8 GEMMs | float GEMMs | other |")
+    print("|---|---|---|---|---|---|")
+    for name, rows in report.get("forward_shares", {}).items():
+        for key, parts in rows.items():
+            cells = " | ".join(f"{100 * parts[p]:.0f} %" for p in (*PARTS, "other"))
+            print(f"| {name} | {key} | {cells} |")
     print("\n| variant | WikiText-2 PPL |\n|---|---|")
     for name, value in report["ppl"].items():
         print(f"| {name} | {value:.3f} |")

@@ -340,21 +340,27 @@ def stack_table(name: str, layers: int, c: dict, repeats: int) -> list[dict]:
     return results
 
 
-def profile(name: str, layers: int) -> None:
-    """Top ops of one 1x2048 forward, FP8 static with and without SpikeFree."""
+def profile(name: str, layers: int, batch: int = 1) -> None:
+    """Top ops of one ``batch`` x 2048 forward: FP8 fused dynamic, and FP8 static
+    with and without SpikeFree."""
     from torch.profiler import ProfilerActivity
     from torch.profiler import profile as torch_profile
 
     model = build_stack(name, layers)
     _, templates = calibrate(model)
     originals = list(model.layers)
-    inputs = spiked_inputs(1, 2048, model.config.hidden_size)
-    for label, layer_templates in (("static_plain", None), ("static", templates)):
+    inputs = spiked_inputs(batch, 2048, model.config.hidden_size)
+    runs = (
+        ("dynamic", "dynamic", None),
+        ("static_plain", "static", None),
+        ("static", "static", templates),
+    )
+    for label, mode, layer_templates in runs:
         model.layers = torch.nn.ModuleList(
             Fp8DecoderLayer(
                 layer,
                 LLAMA,
-                "static",
+                mode,
                 layer_templates[index] if layer_templates else None,
             )  # fmt: skip
             for index, layer in enumerate(originals)
@@ -368,8 +374,8 @@ def profile(name: str, layers: int) -> None:
                 model(inputs_embeds=inputs, use_cache=False)
                 torch.cuda.synchronize()
         print(f"== {label}")
-        table = prof.key_averages().table(sort_by="self_cuda_time_total", row_limit=14)
-        print(table[:4000])
+        table = prof.key_averages().table(sort_by="self_cuda_time_total", row_limit=16)
+        print(table[:5000])
         table = prof.key_averages().table(sort_by="cpu_time_total", row_limit=10)
         print(table[:3000])
     model.layers = torch.nn.ModuleList(originals)
@@ -408,9 +414,10 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=10)
     parser.add_argument("--out", default=None)
     parser.add_argument("--profile", action="store_true")
+    parser.add_argument("--profile-batch", type=int, default=1)
     args = parser.parse_args()
     if args.profile:
-        profile(args.widths[0], args.layers)
+        profile(args.widths[0], args.layers, args.profile_batch)
         return
     start = time.time()
     c = ceilings()
