@@ -10,7 +10,25 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from iq_transform.spikefree.norm_rows import rms_normalized, with_template_rows
+from iq_transform.spikefree.norm_rows import (
+    ELEMENTS_PER_THREAD,
+    NORM_ROWS,
+    loaded_norm_rows,
+    rms_normalized,
+    with_template_rows,
+)
+
+# NORM_ROWS and ELEMENTS_PER_THREAD are the norm kernel's launch shape, the fused
+# norms' own: kernels.fused_norm reads them from here at each launch, so that
+# benchmarks/speed_gpu.py can sweep them by setting them on this module
+__all__ = [
+    "ELEMENTS_PER_THREAD",
+    "NORM_ROWS",
+    "norm_templates_quant_kernel",
+    "quant_kernel",
+    "replace_rows_kernel",
+    "silu_mul_quant_kernel",
+]
 
 FP8_MAX = tl.constexpr(448.0)
 INT8_MIN = tl.constexpr(-128.0)
@@ -76,16 +94,9 @@ def norm_templates_quant_kernel(
     QMAX: tl.constexpr,
 ):
     # ROWS rows per program: the weight is loaded once for all of them
-    rows = tl.program_id(0).to(tl.int64) * ROWS + tl.arange(0, ROWS)
-    row_mask = rows < M
-    cols = tl.arange(0, BLOCK)
-    col_mask = cols < K
-    mask = row_mask[:, None] & col_mask[None, :]
-    x = tl.load(
-        x_ptr + rows[:, None] * stride_x + cols[None, :], mask=mask, other=0.0
-    ).to(tl.float32)
-    w = tl.load(weight_ptr + cols, mask=col_mask, other=0.0).to(tl.float32)
-    w = (w + weight_offset)[None, :]
+    rows, row_mask, cols, mask, x, w = loaded_norm_rows(
+        x_ptr, weight_ptr, M, K, stride_x, weight_offset, ROWS, BLOCK
+    )
     y = rms_normalized(x, K, eps) * w
     if HAS_TEMPLATES:
         flag = tl.zeros([ROWS], dtype=tl.int32)
@@ -134,20 +145,17 @@ def silu_mul_quant_kernel(
     cols = tl.arange(0, BLOCK)
     mask = cols < N
     base = gate_up_ptr + row * stride_gate_up
-    gate = tl.load(base + cols, mask=mask, other=0.0).to(tl.float32)
-    up = tl.load(base + N + cols, mask=mask, other=0.0).to(tl.float32)
     flag = 0
     if HAS_ROWS_IN:
         flag = tl.load(rows_in_ptr + row).to(tl.int32)
-    carrier = flag != 0
     if HAS_EXACT:
-        # carriers' gate/up rows: the precomputed unquantized-input products
+        # carriers read their kind's precomputed unquantized-input gate/up row
+        # instead: one row pointer chosen per program, so no second row is held
+        # in registers (that doubled this kernel's time at 8B widths)
         kind = tl.load(kinds_ptr + row).to(tl.int64)
-        exact = exact_ptr + kind * 2 * N
-        exact_gate = tl.load(exact + cols, mask=mask & carrier, other=0.0)
-        exact_up = tl.load(exact + N + cols, mask=mask & carrier, other=0.0)
-        gate = tl.where(carrier, exact_gate.to(tl.float32), gate)
-        up = tl.where(carrier, exact_up.to(tl.float32), up)
+        base = tl.where(flag != 0, exact_ptr + kind * 2 * N, base)
+    gate = tl.load(base + cols, mask=mask, other=0.0).to(tl.float32)
+    up = tl.load(base + N + cols, mask=mask, other=0.0).to(tl.float32)
     hidden = gate / (1.0 + tl.exp(-gate)) * up
     if HAS_THRESHOLD:
         # a down_proj site: detected and carried rows are zeroed (their output
@@ -184,20 +192,6 @@ def quant_kernel(
     codes = _quantize_row(x, scale, IS_FP8)
     tl.store(codes_ptr + row * stride_codes + cols, codes, mask=mask)
     tl.store(row_scales_ptr + row, scale)
-
-
-# elements per thread per row: measured on the H200 (benchmarks/speed_gpu.py)
-ELEMENTS_PER_THREAD = 16
-
-
-# rows per program of the norm kernel
-NORM_ROWS = 4
-
-
-def launch_config(width: int, rows: int = 1) -> tuple[int, int]:
-    """(BLOCK, num_warps) for programs of ``rows`` rows of ``width`` elements."""
-    block = triton.next_power_of_2(width)
-    return block, max(1, min(16, rows * block // (32 * ELEMENTS_PER_THREAD)))
 
 
 @triton.jit

@@ -273,7 +273,10 @@ class Fp8DecoderLayer(nn.Module):
             self.down_threshold = _scalar(templates.down_threshold, device)
         self.exact_qkv = exact.get("input_layernorm")
         if self.down_template is None:  # carriers' GLU rows are zeroed otherwise
-            self.exact_gate_up = exact.get("post_attention_layernorm")
+            exact_gate_up = exact.get("post_attention_layernorm")
+            if exact_gate_up is not None:  # read in the activations' dtype
+                exact_gate_up = exact_gate_up.to(self.post_norm.weight.dtype)
+            self.exact_gate_up = exact_gate_up
 
     @property
     def templated(self) -> bool:

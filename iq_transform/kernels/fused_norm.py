@@ -22,6 +22,8 @@ from typing import NamedTuple
 
 import torch
 
+from iq_transform.spikefree.norm_rows import check_templates, launch_config
+
 __all__ = [
     "FP8_MAX",
     "MIN_DYNAMIC_SCALE",
@@ -90,22 +92,6 @@ def _rows_2d(x: torch.Tensor) -> torch.Tensor:
     return x.reshape(-1, x.shape[-1])
 
 
-def _check_templates(templates, kinds, rows, threshold, width: int) -> None:
-    if templates is None:
-        if rows is not None or threshold is not None:
-            raise ValueError("rows/threshold select template rows: pass templates too")
-        return
-    if kinds is None or (rows is None and threshold is None):
-        raise ValueError(
-            "templates need kinds (one per row) and rows and/or a threshold that "
-            "select the rows to overwrite"
-        )
-    if templates.dim() != 2 or templates.shape[1] != width:
-        raise ValueError(
-            f"templates must be (kinds, {width}), got {tuple(templates.shape)}"
-        )
-
-
 def fused_norm_templates_quant_reference(
     x: torch.Tensor,
     weight: torch.Tensor,
@@ -120,7 +106,7 @@ def fused_norm_templates_quant_reference(
     code_dtype: torch.dtype = torch.float8_e4m3fn,
 ) -> QuantizedRows:
     """Eager reference of :func:`fused_norm_templates_quant` (same arguments)."""
-    _check_templates(templates, kinds, rows, threshold, x.shape[-1])
+    check_templates(templates, kinds, rows, threshold, x.shape[-1])
     x = _rows_2d(x).float()
     w = weight.float() + weight_offset
     y = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps) * w
@@ -177,7 +163,7 @@ def fused_norm_templates_quant(
         )  # fmt: skip
     from iq_transform.kernels import _triton
 
-    _check_templates(templates, kinds, rows, threshold, x.shape[-1])
+    check_templates(templates, kinds, rows, threshold, x.shape[-1])
     qmax = _qmax(code_dtype)
     x2 = _rows_2d(x)
     if x2.stride(-1) != 1:
@@ -190,8 +176,9 @@ def fused_norm_templates_quant(
         torch.empty(count, dtype=torch.int8, device=x.device) if has_templates else None
     )
     dummy = row_scales
+    # read at each launch: benchmarks/speed_gpu.py sweeps them on _triton
     rows_per_program = _triton.NORM_ROWS
-    block, warps = _triton.launch_config(width, rows_per_program)
+    block, warps = launch_config(width, rows_per_program, _triton.ELEMENTS_PER_THREAD)
     grid = (triton_cdiv(count, rows_per_program),)
     _triton.norm_templates_quant_kernel[grid](
         x2,
@@ -237,10 +224,12 @@ def silu_mul_quant_reference(
 ) -> QuantizedRows:
     """Eager reference of :func:`silu_mul_quant` (same arguments)."""
     _check_glu(gate_up, rows, exact_gate_up, kinds)
+    dtype = gate_up.dtype
     gate_up = _rows_2d(gate_up).float()
     if exact_gate_up is not None:
         carriers = rows.reshape(-1).bool().unsqueeze(-1)
-        exact = exact_gate_up.float()[kinds.reshape(-1)]
+        # read in the activations' dtype, as the kernel reads them
+        exact = exact_gate_up.to(dtype).float()[kinds.reshape(-1)]
         gate_up = torch.where(carriers, exact, gate_up)
     gate, up = gate_up.chunk(2, dim=-1)
     hidden = torch.nn.functional.silu(gate) * up
@@ -277,7 +266,8 @@ def silu_mul_quant(
     :param scale: device scalar static scale; ``None`` for dynamic per-token
     :param rows: (...,) bool carrier rows (their norm output was a template)
     :param exact_gate_up: (kinds, 2N) gate/up rows of each kind's template through
-        the unquantized-input linears; carriers take them instead of ``gate_up``
+        the unquantized-input linears; carriers take them instead of ``gate_up``,
+        read in ``gate_up``'s dtype (store them so, or they are cast per call)
     :param kinds: (...,) integer spike kind of each row
     :param threshold: device scalar; when given this is a ``down_proj`` spike site:
         rows over it, and the carriers, are zeroed and returned as ``rows``
@@ -304,10 +294,11 @@ def silu_mul_quant(
         else None
     )
     dummy = row_scales
-    block, warps = _triton.launch_config(width)
+    block, warps = launch_config(width)
     _triton.silu_mul_quant_kernel[(count,)](
         g2,
-        exact_gate_up.contiguous() if exact_gate_up is not None else dummy,
+        # in the activations' dtype: the kernel picks one of the two row pointers
+        exact_gate_up.to(g2.dtype).contiguous() if exact_gate_up is not None else dummy,
         kinds.reshape(-1) if kinds is not None else dummy,
         rows.reshape(-1).view(torch.int8) if rows is not None else dummy,
         threshold if threshold is not None else dummy,
@@ -362,7 +353,7 @@ def quantize_rows(
     count, width = x2.shape
     codes = torch.empty(count, width, dtype=code_dtype, device=x.device)
     row_scales = torch.empty(count, 1, dtype=torch.float32, device=x.device)
-    block, warps = _triton.launch_config(width)
+    block, warps = launch_config(width)
     _triton.quant_kernel[(count,)](
         x2,
         scale if scale is not None else row_scales,
@@ -401,7 +392,7 @@ def replace_rows(
     if output.stride(-1) != 1 or not constants.is_contiguous():
         raise ValueError("replace_rows needs row-major output and constants")
     count, width = output.shape
-    block, warps = _triton.launch_config(width)
+    block, warps = launch_config(width)
     _triton.replace_rows_kernel[(count,)](
         output,
         rows.reshape(-1).view(torch.int8),

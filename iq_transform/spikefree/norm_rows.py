@@ -12,9 +12,12 @@ detection of the layer input's spike rows runs in the same pass (the first norm
 reads the layer input itself). Nothing is read on the host, so nothing waits and
 a CUDA graph can capture it.
 
-The Triton helpers :func:`rms_normalized` and :func:`with_template_rows` are the
-norm and the insertion of every fused norm kernel: the FP8 execution path's
-norm + quantization kernel (:mod:`iq_transform.kernels.fused_norm`) uses them too.
+The Triton helpers :func:`loaded_norm_rows`, :func:`rms_normalized` and
+:func:`with_template_rows` are the loads, the norm and the insertion of every fused
+norm kernel, and :func:`launch_config` and :func:`check_templates` their launch
+shape and argument checks: the FP8 execution path's norm + quantization kernel
+(:mod:`iq_transform.kernels.fused_norm`) uses them too (the method may not import
+the execution paths, so the shared pieces live here).
 """
 
 from __future__ import annotations
@@ -25,8 +28,11 @@ from iq_transform.spikefree.row_writes import int8_bytes, triton_runs_on
 from iq_transform.spikefree.triton_launch import FastLaunch
 
 __all__ = [
+    "check_templates",
     "fused_norm_templates",
     "fused_norm_templates_reference",
+    "launch_config",
+    "loaded_norm_rows",
     "rms_normalized",
     "with_template_rows",
 ]
@@ -37,9 +43,27 @@ try:
 except ImportError:  # CPU-only installs
     triton = None
 
-# rows per program: the weight is loaded once for all of them
+# rows per program of the norm kernels: the weight is loaded once for all of them
 NORM_ROWS = 4
+# elements per thread per row: measured on the H200 (benchmarks/speed_gpu.py)
 ELEMENTS_PER_THREAD = 16
+
+
+def launch_config(
+    width: int, rows: int = 1, per_thread: int = ELEMENTS_PER_THREAD
+) -> tuple[int, int]:
+    """(BLOCK, num_warps) for programs of ``rows`` rows of ``width`` elements: the
+    launch shape of every row kernel, the fused norms' and the FP8 path's.
+
+    :param width: elements in a row (one block holds the whole row)
+    :param rows: rows per program
+    :param per_thread: elements of a row per thread
+    :return: the power of two block and the warps (1 to 16) that cover it
+        (only where Triton is installed)
+    """
+    block = triton.next_power_of_2(width)
+    return block, max(1, min(16, rows * block // (32 * per_thread)))
+
 
 if triton is not None:
 
@@ -49,6 +73,24 @@ if triton is not None:
         columns loaded as 0 count for nothing)."""
         mean_square = tl.sum(x * x, axis=1) / K
         return x * tl.rsqrt(mean_square + eps)[:, None]
+
+    @triton.jit
+    def loaded_norm_rows(x_ptr, weight_ptr, M, K, stride_x, weight_offset,
+                         ROWS: tl.constexpr, BLOCK: tl.constexpr):  # fmt: skip
+        """This program's ``ROWS`` rows of ``x`` in float32 and the norm's weight
+        plus its offset, (1, BLOCK) float32, loaded once for all of them: the
+        loads of every fused norm kernel. Returns ``rows, row_mask, cols, mask,
+        x, w``; masked elements load as 0."""
+        rows = tl.program_id(0).to(tl.int64) * ROWS + tl.arange(0, ROWS)
+        row_mask = rows < M
+        cols = tl.arange(0, BLOCK)
+        col_mask = cols < K
+        mask = row_mask[:, None] & col_mask[None, :]
+        x = tl.load(
+            x_ptr + rows[:, None] * stride_x + cols[None, :], mask=mask, other=0.0
+        ).to(tl.float32)
+        w = tl.load(weight_ptr + cols, mask=col_mask, other=0.0).to(tl.float32)
+        return rows, row_mask, cols, mask, x, (w + weight_offset)[None, :]
 
     @triton.jit
     def with_template_rows(y, w, templates_ptr, kinds_ptr, rows, row_mask, cols, mask,
@@ -90,15 +132,10 @@ if triton is not None:
         RECORD: tl.constexpr,
         CAST_BEFORE_WEIGHT: tl.constexpr,
     ):
-        rows = tl.program_id(0).to(tl.int64) * ROWS + tl.arange(0, ROWS)
-        row_mask = rows < M
-        cols = tl.arange(0, BLOCK)
-        col_mask = cols < K
-        mask = row_mask[:, None] & col_mask[None, :]
-        at = rows[:, None] * K + cols[None, :]
-        x = tl.load(x_ptr + at, mask=mask, other=0.0).to(tl.float32)
-        w = tl.load(weight_ptr + cols, mask=col_mask, other=0.0).to(tl.float32)
-        w = (w + weight_offset)[None, :]
+        # x is contiguous: its row stride is K
+        rows, row_mask, cols, mask, x, w = loaded_norm_rows(
+            x_ptr, weight_ptr, M, K, K, weight_offset, ROWS, BLOCK
+        )
         normalized = rms_normalized(x, K, eps)
         if CAST_BEFORE_WEIGHT:  # Llama's norm: normalized rows in the dtype first
             normalized = normalized.to(out_ptr.dtype.element_ty).to(tl.float32)
@@ -123,28 +160,48 @@ if triton is not None:
                 seen = tl.load(record_ptr + rows, mask=row_mask, other=0) != 0
                 handled = (seen | templated).to(tl.int8)
                 tl.store(record_ptr + rows, handled, mask=row_mask)
+        at = rows[:, None] * K + cols[None, :]
         tl.store(out_ptr + at, y.to(out_ptr.dtype.element_ty), mask=mask)
 
     _NORM_ROWS = FastLaunch(_norm_rows_kernel)
 
 
-def _check(
-    x, weight, weight_offset, templates, kinds, rows, threshold, cast_before_weight
-):
-    selects = rows is not None or threshold is not None
-    if templates is None and selects:
-        raise ValueError("rows/threshold select template rows: pass templates too")
-    if templates is not None and (kinds is None or not selects):
+def check_templates(
+    templates: torch.Tensor | None,
+    kinds: torch.Tensor | None,
+    rows: torch.Tensor | None,
+    threshold: torch.Tensor | None,
+    width: int,
+) -> None:
+    """Raise ``ValueError`` unless the template arguments of a fused norm agree:
+    ``rows``/``threshold`` select rows only with ``templates``, which need
+    ``kinds`` and a selection and must be (kinds, ``width``). Reads no device data.
+
+    :param templates: (kinds, width) templates, or ``None``
+    :param kinds: the spike kind of each row, or ``None``
+    :param rows: bool rows to template, or ``None``
+    :param threshold: device scalar threshold, or ``None``
+    :param width: the rows' width (the activations' last dimension)
+    """
+    if templates is None:
+        if rows is not None or threshold is not None:
+            raise ValueError("rows/threshold select template rows: pass templates too")
+        return
+    if kinds is None or (rows is None and threshold is None):
         raise ValueError(
             "templates need kinds (one per row) and rows and/or a threshold that "
             "select the rows to overwrite"
         )
-    if templates is not None and (
-        templates.dim() != 2 or templates.shape[1] != x.shape[-1]
-    ):
+    if templates.dim() != 2 or templates.shape[1] != width:
         raise ValueError(
-            f"templates must be (kinds, {x.shape[-1]}), got {tuple(templates.shape)}"
+            f"templates must be (kinds, {width}), got {tuple(templates.shape)}"
         )
+
+
+def _check(
+    x, weight, weight_offset, templates, kinds, rows, threshold, cast_before_weight
+):
+    check_templates(templates, kinds, rows, threshold, x.shape[-1])
     if cast_before_weight and weight_offset:
         raise ValueError(
             "cast_before_weight is Llama's norm (weight times the normalized rows in "
@@ -249,8 +306,7 @@ def fused_norm_templates(
     detected = None
     if threshold is not None:
         detected = torch.empty(x.shape[:-1], dtype=torch.bool, device=x.device)
-    block = triton.next_power_of_2(width)
-    warps = max(1, min(16, NORM_ROWS * block // (32 * ELEMENTS_PER_THREAD)))
+    block, warps = launch_config(width, NORM_ROWS)
     has_templates = templates is not None
     _NORM_ROWS(
         (-(-count // NORM_ROWS),),
