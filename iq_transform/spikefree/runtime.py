@@ -602,7 +602,14 @@ class LayerRuntime:
             if id(norm) not in self._norm_handles:
                 hook = self._norm_hook(name, norm)
                 self._norm_handles[id(norm)] = norm.register_forward_hook(hook)
-            if id(norm) in self._fused_norms or not self.runtime.may_fuse_norm(norm):
+            if id(norm) in self._fused_norms:
+                continue
+            # not where the fused kernel never runs (by default, Triton off the
+            # norm's device): its forward would only add a call around the norm's
+            weight = getattr(norm, "weight", None)
+            if not isinstance(weight, torch.Tensor):
+                continue
+            if not self.runtime.fuses_norms_on(weight):
                 continue
             if (cast_before_weight := _fused_norm_form(norm, self.arch)) is not None:
                 self._fuse_norm(name, norm, cast_before_weight)
@@ -1054,15 +1061,6 @@ class SpikeFreeRuntime:
         """Whether the norms fed ``hidden`` compute their template rows fused."""
         if self.fuse_norms is None:
             return triton_runs_on(hidden)
-        return self.fuse_norms
-
-    def may_fuse_norm(self, norm: nn.Module) -> bool:
-        """Whether ``norm``'s forward is worth replacing: not where the fused
-        kernel can never run (by default, Triton off the norm's device: its
-        forward would only add a call around the norm's own)."""
-        if self.fuse_norms is None:
-            weight = getattr(norm, "weight", None)
-            return isinstance(weight, torch.Tensor) and triton_runs_on(weight)
         return self.fuse_norms
 
     # -- model-level bookkeeping ----------------------------------------------
