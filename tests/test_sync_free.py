@@ -380,6 +380,10 @@ def test_the_launch_key_separates_what_triton_compiles_apart():
     assert key != launch_key(0, (aligned, 17), {"N": 64}, {"num_warps": 4})
     assert key != launch_key(0, (aligned, 17), {"N": 32}, {"num_warps": 8})
     assert key != launch_key(1, (aligned, 17), {"N": 32}, {"num_warps": 4})
+    flag = launch_key(0, (aligned, True), {"N": 32}, {"num_warps": 4})
+    assert flag != launch_key(0, (aligned, False), {"N": 32}, {"num_warps": 4})
+    assert flag != launch_key(0, (aligned, 1), {"N": 32}, {"num_warps": 4})
+    assert key != launch_key(0, (aligned, 17.0), {"N": 32}, {"num_warps": 4})
 
 
 @needs_row_kernel

@@ -14,6 +14,9 @@ __all__ = ["MIN_TOKENS_FOR_MEDIAN", "token_max", "token_max_abs", "spike_token_m
 
 # A median over a handful of tokens (decode steps, tiny prompts) says nothing.
 MIN_TOKENS_FOR_MEDIAN = 8
+# below this many elements the CPU's ``abs().amax()`` copy costs less than the
+# two reductions' extra ops (equal at 512 x 576 float32)
+_CPU_ABS_COPY_MAX = 2**16
 
 
 def token_max(hidden: torch.Tensor, float32: bool = True) -> torch.Tensor:
@@ -23,11 +26,14 @@ def token_max(hidden: torch.Tensor, float32: bool = True) -> torch.Tensor:
     :param float32: return float32 (else ``hidden``'s dtype, exact all the same)
     """
     hidden = hidden.detach()
-    if hidden.device.type == "cpu":
+    if hidden.device.type == "cpu" and hidden.numel() >= _CPU_ABS_COPY_MAX:
         # two reductions, no |x| temporary: torch's CPU ``vector_norm(inf)`` is
         # ~10x slower and ``abs().amax()`` writes and reads a copy of ``hidden``
         # (8 x 2048 x 1536 float32: 32 ms, this 4.8 ms)
         values = torch.maximum(hidden.amax(dim=-1), hidden.amin(dim=-1).neg_())
+    elif hidden.device.type == "cpu":
+        # a decode step's rows: two ops instead of four (2-3 us against 5-6)
+        values = hidden.abs().amax(dim=-1)
     else:  # one pass, no |x| temporary
         values = torch.linalg.vector_norm(hidden, ord=float("inf"), dim=-1)
     return values.float() if float32 else values

@@ -22,6 +22,8 @@ the execution paths, so the shared pieces live here).
 
 from __future__ import annotations
 
+import functools
+
 import torch
 
 from iq_transform.spikefree.row_writes import int8_bytes, triton_runs_on
@@ -49,6 +51,7 @@ NORM_ROWS = 4
 ELEMENTS_PER_THREAD = 16
 
 
+@functools.cache  # asked at every launch, for a few widths
 def launch_config(
     width: int, rows: int = 1, per_thread: int = ELEMENTS_PER_THREAD
 ) -> tuple[int, int]:

@@ -11,6 +11,7 @@ missing (or the tensor is not on CUDA, unless ``TRITON_INTERPRET=1``),
 
 from __future__ import annotations
 
+import functools
 import os
 
 import torch
@@ -90,6 +91,7 @@ def write_rows(
     return output
 
 
+@functools.cache  # asked at every launch, for a few widths
 def row_block(width: int) -> tuple[int, int]:
     """Block size and warps of a program that handles one row of ``width``: the
     whole row in one block where it fits, so its loads are all in flight at once

@@ -278,6 +278,37 @@ def _own_forward(norm: nn.Module):
     return type(norm).forward if forward is None else getattr(forward, "__func__", None)
 
 
+def _submodule(module: nn.Module, path: list[str]) -> nn.Module:
+    """``module.get_submodule`` of a dotted name split into ``path``, straight
+    from the children dicts (the runtime looks its norms up at every forward)."""
+    for name in path:
+        module = module._modules[name]
+    return module
+
+
+def _norms_state(fuses: bool, norms: list[nn.Module]) -> list:
+    """What decides how a layer's norms are hooked: whether norms are fused where
+    the layer runs, each norm and the forward it runs (its own, or the one inside
+    an offload wrapper)."""
+    state = [fuses]
+    for norm in norms:
+        attributes = vars(norm)
+        state += (
+            norm,
+            attributes.get("forward"),
+            attributes.get("_original_forward_func"),
+        )
+    return state
+
+
+def _same_objects(left: list | None, right: list) -> bool:
+    return (
+        left is not None
+        and len(left) == len(right)
+        and all(a is b for a, b in zip(left, right, strict=True))
+    )
+
+
 def _fused_norm_form(norm: nn.Module, arch: ArchSpec) -> bool | None:
     """``cast_before_weight`` of a norm the fused kernel computes, or ``None``
     (another class, or a forward someone else replaced: the norm then runs
@@ -293,7 +324,20 @@ def _fused_norm_form(norm: nn.Module, arch: ArchSpec) -> bool | None:
 
 
 def _norm_epsilon(norm: nn.Module) -> float:
-    return float(getattr(norm, "variance_epsilon", getattr(norm, "eps", 1e-6)))
+    epsilon = _plain_attribute(norm, "variance_epsilon")
+    return float(_plain_attribute(norm, "eps", 1e-6) if epsilon is None else epsilon)
+
+
+def _parameter_on(module: nn.Module, name: str, device: torch.device):
+    """``module``'s parameter ``name`` as its forward sees it on ``device``: where
+    compressed-tensors' offload cache (which ``oneshot`` leaves on every module)
+    stores it on that device already, the stored tensor, which is what onloading
+    returns, without onloading's calls (microseconds a norm, per forward)."""
+    stored = getattr(module._parameters, "offloaded_values", module._parameters)
+    tensor = stored.get(name)
+    if tensor is not None and tensor.device == device:
+        return tensor
+    return getattr(module, name, None)
 
 
 def _effective_norm_weight(norm: nn.Module, arch: ArchSpec) -> torch.Tensor:
@@ -340,7 +384,8 @@ class _Forward:
     carriers: torch.Tensor
     mask: torch.Tensor | None = None
     kind: int | None = None
-    # False where the layer has no norm templates: ``carriers`` is all False
+    # False where ``carriers`` is known to be all False without reading the device:
+    # the layer has no norm templates, or (where reading costs nothing) none was found
     has_carriers: bool = True
     _kind_rows: torch.Tensor | None = None
     # ``(layer input, detect)`` while the carriers are not detected yet: a decode
@@ -392,16 +437,29 @@ def _stored_version(module: nn.Module, name: str) -> tuple | None:
     return _version(getattr(module, name, None))
 
 
+_ABSENT = object()
+
+
+def _plain_attribute(module: nn.Module, name: str, default=None):
+    """``getattr(module, name, default)`` for an attribute set on the instance
+    (compressed-tensors' ``quantization_scheme``, a converted linear's
+    ``template_outputs``) or its class. Where it is absent, ``getattr`` goes
+    through ``nn.Module.__getattr__``, whose raised and caught ``AttributeError``
+    costs microseconds of host time per call, several per layer and forward."""
+    value = vars(module).get(name, _ABSENT)
+    return getattr(type(module), name, default) if value is _ABSENT else value
+
+
 def _quantizes_input(module: nn.Module) -> bool:
     """Whether ``module`` quantizes its input (compressed-tensors) or carries
     precomputed template outputs: otherwise its template rows are exact already."""
-    if getattr(module, "template_outputs", None) is not None:
+    if _plain_attribute(module, "template_outputs") is not None:
         return True
-    scheme = getattr(module, "quantization_scheme", None)
+    scheme = _plain_attribute(module, "quantization_scheme")
     return (
         scheme is not None
         and scheme.input_activations is not None
-        and getattr(module, "quantization_enabled", True)
+        and _plain_attribute(module, "quantization_enabled", True)
     )
 
 
@@ -423,21 +481,25 @@ def _rows_stay_apart(module: nn.Module, own_hooks: tuple[int, int]) -> bool:
     hooks of :mod:`iq_transform.models.offload` read nothing), and its
     input quantization, if any, is final and takes no scale across rows (static,
     or dynamic per token or group; not dynamic per tensor)."""
-    hooks = {**module._forward_pre_hooks, **module._forward_hooks}
-    readers = {
-        hook_id
-        for hook_id, hook in hooks.items()
-        if not getattr(hook, "leaves_inputs_alone", False)
-    }
-    if readers != set(own_hooks):
+    before, after = module._forward_pre_hooks, module._forward_hooks
+    if len(before) + len(after) != len(own_hooks):  # (the runtime's alone: no scan)
+        hooks = {**before, **after}
+        readers = {
+            hook_id
+            for hook_id, hook in hooks.items()
+            if not getattr(hook, "leaves_inputs_alone", False)
+        }
+        if readers != set(own_hooks):
+            return False
+    elif not all(hook_id in before or hook_id in after for hook_id in own_hooks):
         return False
     if module._forward_pre_hooks_with_kwargs or module._forward_hooks_with_kwargs:
         return False
-    scheme = getattr(module, "quantization_scheme", None)
+    scheme = _plain_attribute(module, "quantization_scheme")
     inputs = None if scheme is None else scheme.input_activations
-    if inputs is None or not getattr(module, "quantization_enabled", True):
+    if inputs is None or not _plain_attribute(module, "quantization_enabled", True):
         return True
-    if getattr(module, "quantization_status", None) not in _FINAL_STATUSES:
+    if _plain_attribute(module, "quantization_status") not in _FINAL_STATUSES:
         return False
     return not inputs.dynamic or inputs.strategy in _ROW_WISE_DYNAMIC
 
@@ -450,6 +512,7 @@ class LayerRuntime:
         self.runtime, self.index, self.layer = runtime, index, layer
         self.arch = runtime.arch
         self.mlp = layer.get_submodule(self.arch.down_proj.rsplit(".", 1)[0])
+        self._layer_index = _cache_layer_index(layer)
         self._templates: LayerTemplates | None = None
         self._resident: LayerTemplates | None = None
         # per norm: (key, template rows scaled by the norm's weight, in its dtype)
@@ -461,6 +524,9 @@ class LayerRuntime:
         self.statistics: LayerStatistics | None = None
         self.current: _Forward | None = None
         self._norm_handles: dict[int, torch.utils.hooks.RemovableHandle] = {}
+        self._norm_paths = [name.split(".") for name in self.arch.norm_names()]
+        # what _hook_norms last saw: the fusing decision, each norm and its forward
+        self._norms_seen: list | None = None
         # norms whose forward runs the fused kernel while templates apply: (norm,
         # the forward function given to it)
         self._fused_norms: dict[int, tuple[nn.Module, object]] = {}
@@ -521,6 +587,7 @@ class LayerRuntime:
             handle.remove()
         self._norm_handles.clear()
         self._unfuse_norms()
+        self._norms_seen = None
 
     # -- hooks -----------------------------------------------------------------
     def _before_layer(self, module, args, kwargs):
@@ -535,21 +602,24 @@ class LayerRuntime:
                 "overflow) before calibrating."
             )
         batch, tokens = hidden.shape[:2]
-        past = _past_length(kwargs.get("past_key_values"), self.layer)
+        cache = kwargs.get("past_key_values")
         if self.collecting:
             token_max = detect_token_max(hidden)
             valid = self.runtime.valid_tokens(batch, tokens, hidden.device)
-            kinds = _token_kinds(valid, past)
+            kinds = _token_kinds(valid, _past_length(cache, self._layer_index))
             carriers = spike_token_mask(token_max, self.runtime.ratio, valid)
             carriers = carriers | self.runtime.still_carried(token_max)
             self.runtime.remember_carriers(token_max, carriers)
             self._record_residual(token_max, carriers, valid)
             state = _Forward(valid=valid, kinds=kinds, carriers=carriers, mask=valid)
         else:
-            shared = self.runtime.tokens(batch, tokens, hidden.device, past)
+            shared = self.runtime.tokens(
+                batch, tokens, hidden.device, cache, self._layer_index
+            )
             templates = self.resident_templates(hidden.device)
             carriers, pending = shared.no_carriers, None
-            if templates.norm_templates:
+            has_carriers = bool(templates.norm_templates)
+            if has_carriers:
                 threshold = templates.residual_threshold
                 if not _indexed(hidden) and row_detector(hidden) is not None:
                     pending = (
@@ -562,6 +632,9 @@ class LayerRuntime:
                     carriers = self.runtime.spike_rows(
                         hidden, shared.mask, threshold, follow=True
                     )
+                    # where reading the rows costs nothing, a layer whose input
+                    # has no carrier (most decode steps) skips every insertion
+                    has_carriers = not _indexed(hidden) or bool(carriers.any())
             else:
                 self.runtime.forget_carriers()
             state = _Forward(
@@ -570,14 +643,14 @@ class LayerRuntime:
                 carriers=carriers,
                 mask=shared.mask,
                 kind=shared.kind,
-                has_carriers=bool(templates.norm_templates),
+                has_carriers=has_carriers,
                 pending=pending,
             )
         self.current = state
         if self.collecting:
             self.runtime.note_spikes(state.carriers)
         set_excluded_rows(state.carriers)
-        self._hook_norms()
+        self._hook_norms(hidden)
         self._order_down_proj_hooks()
 
     def _carrier_detection(self, hidden, shared: _Tokens, threshold: torch.Tensor):
@@ -595,10 +668,15 @@ class LayerRuntime:
         self.current = None
         set_excluded_rows(None)
 
-    def _hook_norms(self) -> None:
-        """Hook the norms as they are *now* (oneshot swaps Gemma's temporarily)."""
-        for name in self.arch.norm_names():
-            norm = self.layer.get_submodule(name)
+    def _hook_norms(self, hidden: torch.Tensor) -> None:
+        """Hook the norms as they are *now* (oneshot swaps Gemma's temporarily),
+        fusing those the fused kernel computes; checked again only when a norm,
+        its forward or where the layer runs has changed since the last forward."""
+        norms = [_submodule(self.layer, path) for path in self._norm_paths]
+        fuses = self.runtime.fuses_norms_on(hidden)
+        if _same_objects(self._norms_seen, _norms_state(fuses, norms)):
+            return
+        for name, norm in zip(self.arch.norm_names(), norms, strict=True):
             if id(norm) not in self._norm_handles:
                 hook = self._norm_hook(name, norm)
                 self._norm_handles[id(norm)] = norm.register_forward_hook(hook)
@@ -613,6 +691,7 @@ class LayerRuntime:
                 continue
             if (cast_before_weight := _fused_norm_form(norm, self.arch)) is not None:
                 self._fuse_norm(name, norm, cast_before_weight)
+        self._norms_seen = _norms_state(fuses, norms)
 
     def _fuse_norm(self, name: str, norm: nn.Module, cast_before_weight: bool):
         """Let ``norm``'s forward compute its template rows in the same pass
@@ -652,37 +731,35 @@ class LayerRuntime:
         state = self.current
         if state is None or self.collecting or not isinstance(hidden, torch.Tensor):
             return None
-        weight = getattr(norm, "weight", None)
+        device = hidden.device
+        weight = _parameter_on(norm, "weight", device)
         if (
-            not self.runtime.fuses_norms_on(hidden)
-            or weight is None
-            or weight.device != hidden.device
+            weight is None
+            or weight.device != device
+            or not self.runtime.fuses_norms_on(hidden)
             or (cast_before_weight and weight.dtype != hidden.dtype)
             or not hidden.is_contiguous()
             or hidden.shape[-1] > FUSED_NORM_MAX_WIDTH
             or (hidden.requires_grad and torch.is_grad_enabled())
         ):
             return None
-        layer_templates = self.resident_templates(hidden.device)
+        layer_templates = self.resident_templates(device)
         templates = layer_templates.norm_templates.get(name)
         if templates is None:
             return None
-        arguments = {
-            "weight_offset": self.arch.norm_weight_offset,
-            "templates": templates,
-            "kinds": state.kinds,
-            "cast_before_weight": cast_before_weight,
-        }
         if state.pending is not None and hidden is state.pending[0]:
             # a decode step: the layer input's detection runs in this pass
             output, rows = fused_norm_templates(
                 hidden,
                 weight,
                 _norm_epsilon(norm),
+                weight_offset=self.arch.norm_weight_offset,
+                templates=templates,
+                kinds=state.kinds,
                 threshold=layer_templates.residual_threshold,
                 valid=state.mask,
                 record=self.runtime._record(hidden),
-                **arguments,
+                cast_before_weight=cast_before_weight,
             )
             state.pending, state.carriers = None, rows
             set_excluded_rows(rows)
@@ -691,7 +768,14 @@ class LayerRuntime:
             if rows.shape != hidden.shape[:-1]:
                 return None
             output, _ = fused_norm_templates(
-                hidden, weight, _norm_epsilon(norm), rows=rows, **arguments
+                hidden,
+                weight,
+                _norm_epsilon(norm),
+                weight_offset=self.arch.norm_weight_offset,
+                templates=templates,
+                kinds=state.kinds,
+                rows=rows,
+                cast_before_weight=cast_before_weight,
             )
         state.fused.add(name)
         return output
@@ -711,7 +795,7 @@ class LayerRuntime:
                         state.kinds[state.carriers],
                     )
                 return None
-            if name in state.fused:
+            if name in state.fused or not state.has_carriers:
                 return None
             values = self._scaled_norm_template(name, module, output)
             if values is None:
@@ -773,7 +857,7 @@ class LayerRuntime:
                 return None
             if feeds_down_proj and templates.down_template is not None:
                 return None  # down_proj's carrier rows become its template anyway
-            outputs = getattr(module, "template_outputs", None)
+            outputs = _plain_attribute(module, "template_outputs")
             if outputs is not None:
                 pass  # computed once from the templates (int8 CPU execution)
             elif frozen_weights(module):
@@ -886,6 +970,8 @@ class LayerRuntime:
             )
             if short:
                 return output
+        if _indexed(output) and not bool(rows.any()):
+            return None  # on the host the check is free, the insertion's calls not
         return insert_templates(output, rows, state.kinds, values, kind=state.kind)
 
     def _down_values(self, output: torch.Tensor) -> torch.Tensor:
@@ -945,20 +1031,25 @@ def template_row_outputs(
     known before inference) returns those; otherwise one input row per kind is
     computed with its input quantization skipped.
     """
-    precomputed = getattr(module, "template_outputs", None)
+    precomputed = _plain_attribute(module, "template_outputs")
     if precomputed is not None:
         return precomputed
     rows = inputs.flatten(0, -2).index_select(0, kind_rows)
     return linear_with_unquantized_input(module, rows)
 
 
-def _past_length(past_key_values, layer: nn.Module) -> int | torch.Tensor:
-    """Tokens already in the KV cache for this layer (0 without a cache); a static
-    cache keeps its length on the device, which is then returned unread."""
+def _cache_layer_index(layer: nn.Module) -> int:
+    """The index the KV cache knows ``layer`` by."""
+    return getattr(getattr(layer, "self_attn", None), "layer_idx", 0)
+
+
+def _past_length(past_key_values, layer_index: int) -> int | torch.Tensor:
+    """Tokens already in the KV cache at layer ``layer_index`` (0 without a
+    cache); a static cache keeps its length on the device, which is then returned
+    unread."""
     if past_key_values is None or not hasattr(past_key_values, "get_seq_length"):
         return 0
-    layer_idx = getattr(getattr(layer, "self_attn", None), "layer_idx", 0)
-    length = past_key_values.get_seq_length(layer_idx)
+    length = past_key_values.get_seq_length(layer_index)
     if isinstance(length, torch.Tensor) and not _indexed(length):
         return length.reshape(())
     return int(length)
@@ -1216,14 +1307,20 @@ class SpikeFreeRuntime:
             self._forward_rows |= rows
 
     def tokens(
-        self, batch: int, tokens: int, device, past: int | torch.Tensor
+        self, batch: int, tokens: int, device, past_key_values, layer_index: int
     ) -> _Tokens:
         """Token mask and kinds of the current call, computed once per model
-        forward (every decoder layer sees the same tokens), per call outside one
-        (llm-compressor's layer-major pipeline)."""
-        key = (batch, tokens, device, past if isinstance(past, int) else id(past))
+        forward (every decoder layer sees the same tokens, and the same cache:
+        empty or not, which is all the kinds read of it), per call outside one
+        (llm-compressor's layer-major pipeline).
+
+        :param past_key_values: the layer's KV cache argument, or ``None``
+        :param layer_index: the index the cache knows the layer by
+        """
+        key = (batch, tokens, device, id(past_key_values))
         if self._in_forward and self._tokens is not None and self._tokens[0] == key:
             return self._tokens[1]
+        past = _past_length(past_key_values, layer_index)
         mask = self.attention_mask
         padded = mask is not None and mask.shape[0] == batch and mask.shape[1] >= tokens
         valid = self.valid_tokens(batch, tokens, device)

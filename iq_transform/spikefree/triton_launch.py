@@ -34,27 +34,27 @@ except ImportError:  # CPU-only installs, or a Triton without these
 _INT32 = range(-(2**31), 2**31)
 
 
-def _argument_key(value) -> tuple:
-    """What Triton specializes one argument on (``native_specialize_impl``)."""
-    if isinstance(value, torch.Tensor):
-        return (value.dtype, value.data_ptr() % 16 == 0)
-    if isinstance(value, bool):
-        return ("bool", value)
-    if isinstance(value, int):
-        return ("int", value == 1, value % 16 == 0, value in _INT32)
-    if isinstance(value, float):
-        return ("float",)
-    return ("other", value)
-
-
 def launch_key(device: int, args: Sequence, constants: dict, options: dict) -> tuple:
-    """The compiled kernel a launch needs: equal keys, the same compiled kernel."""
-    return (
-        device,
-        tuple(map(_argument_key, args)),
-        tuple(constants.items()),
-        tuple(options.items()),
-    )
+    """The compiled kernel a launch needs: equal keys, the same compiled kernel.
+
+    What Triton specializes each argument on (``native_specialize_impl``):
+    tensors on their dtype and 16-byte alignment, integers on being 1, divisible
+    by 16 and fitting 32 bits, booleans on their value, floats on nothing. One
+    flat tuple, built inline: this runs at every launch of every layer.
+    """
+    key = [device, *constants.items(), *options.items()]
+    for value in args:
+        if isinstance(value, torch.Tensor):
+            key += (value.dtype, value.data_ptr() % 16 == 0)
+        elif type(value) is int:
+            key += (int, value == 1, value % 16 == 0, value in _INT32)
+        elif type(value) is bool:
+            key += (bool, value)
+        elif type(value) is float:
+            key.append(float)
+        else:
+            key += (object, value)
+    return tuple(key)
 
 
 class FastLaunch:

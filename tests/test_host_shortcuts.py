@@ -1,0 +1,92 @@
+"""The runtime's host-side shortcuts change no output: where reading a row mask
+costs nothing (the CPU), a decode step whose token carries no spike skips every
+insertion; norms are looked up and checked again only when one is replaced; the
+module attributes the hot path reads are read without ``nn.Module.__getattr__``."""
+
+import copy
+
+import pytest
+import torch
+
+from iq_transform import get_runtime
+from iq_transform.models.offload import move_model
+from iq_transform.spikefree import runtime as runtime_module
+from tests.test_checkpoint import quantized
+from tests.test_sync_free import DEVICE
+
+
+@pytest.fixture(scope="module")
+def fake_quantized(calibration):
+    model, tokenizer = quantized("w8a8_static", "rtn", calibration)
+    return move_model(model, DEVICE), tokenizer
+
+
+def _decode_logits(model, prompt, step, before_step=lambda: None) -> torch.Tensor:
+    with torch.no_grad():
+        cache = model(input_ids=prompt, use_cache=True).past_key_values
+        before_step()
+        return model(input_ids=step, past_key_values=cache).logits
+
+
+@pytest.mark.parametrize("token", ["a", "\n"])  # an ordinary token, a delimiter
+def test_a_decode_step_reads_its_rows_on_the_host_and_skips_what_it_can(
+    fake_quantized, calibration, monkeypatch, token
+):
+    model, tokenizer = fake_quantized
+    prompt = calibration[:2, :40].to(DEVICE)
+    step = torch.tensor([tokenizer(token).input_ids[-1]] * 2, device=DEVICE)[:, None]
+    insertions = []
+    insert = runtime_module.insert_templates
+    monkeypatch.setattr(
+        runtime_module,
+        "insert_templates",
+        lambda *args, **kwargs: insertions.append(1) or insert(*args, **kwargs),
+    )
+    # the host path (index writes, rows read) on whatever device the tests run on
+    monkeypatch.setattr(runtime_module, "HOST_INDEXED_DEVICES", {torch.device(DEVICE).type})
+    host = _decode_logits(model, prompt, step, insertions.clear)
+    handled = get_runtime(model).last_spike_tokens.clone()
+    host_insertions = len(insertions)
+    monkeypatch.setattr(runtime_module, "HOST_INDEXED_DEVICES", set())
+    device = _decode_logits(model, prompt, step)
+    torch.testing.assert_close(host, device, rtol=0, atol=0)
+    assert torch.equal(handled, get_runtime(model).last_spike_tokens)
+    if token == "\n":  # a carrier: its rows are written on both paths
+        assert handled.all() and host_insertions > 0
+    else:  # no carrier: nothing is inserted at all on the host path
+        assert not handled.any() and host_insertions == 0
+
+
+def test_a_replaced_norm_is_hooked_at_the_next_forward(planted, planted_windows):
+    from iq_transform import SpikeFreeModifier
+    from iq_transform.composition.pipeline import apply_recipe
+
+    model, tokenizer, _ = copy.deepcopy(planted)
+    apply_recipe(model, tokenizer, [SpikeFreeModifier()], planted_windows)
+    ids = planted_windows[:1, :48]
+    with torch.no_grad():
+        expected = model(input_ids=ids).logits
+        layer = get_runtime(model).layers[2]
+        old = layer.layer.post_attention_layernorm
+        layer.layer.post_attention_layernorm = replacement = copy.deepcopy(old)
+        replacement._forward_hooks.clear()
+        got = model(input_ids=ids).logits
+    assert replacement._forward_hooks  # hooked when the layer ran
+    torch.testing.assert_close(got, expected, rtol=0, atol=0)
+    get_runtime(model).remove()
+    assert not replacement._forward_hooks and not old._forward_hooks
+
+
+class _WithClassDefault(torch.nn.Linear):
+    quantization_enabled = False
+
+
+def test_the_hot_path_reads_attributes_as_getattr_does():
+    linear = torch.nn.Linear(4, 4)
+    read = runtime_module._plain_attribute
+    assert read(linear, "quantization_scheme") is None
+    assert read(linear, "quantization_enabled", True) is True
+    linear.quantization_scheme = scheme = object()
+    assert read(linear, "quantization_scheme") is scheme
+    assert read(_WithClassDefault(4, 4), "quantization_enabled", True) is False
+    assert read(linear, "in_features") == 4
