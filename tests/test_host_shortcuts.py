@@ -43,7 +43,8 @@ def test_a_decode_step_reads_its_rows_on_the_host_and_skips_what_it_can(
         lambda *args, **kwargs: insertions.append(1) or insert(*args, **kwargs),
     )
     # the host path (index writes, rows read) on whatever device the tests run on
-    monkeypatch.setattr(runtime_module, "HOST_INDEXED_DEVICES", {torch.device(DEVICE).type})
+    host_indexed = {torch.device(DEVICE).type}
+    monkeypatch.setattr(runtime_module, "HOST_INDEXED_DEVICES", host_indexed)
     host = _decode_logits(model, prompt, step, insertions.clear)
     handled = get_runtime(model).last_spike_tokens.clone()
     host_insertions = len(insertions)
