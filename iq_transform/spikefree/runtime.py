@@ -1043,6 +1043,25 @@ def _cache_layer_index(layer: nn.Module) -> int:
     return getattr(getattr(layer, "self_attn", None), "layer_idx", 0)
 
 
+def _over_threshold(
+    token_max: torch.Tensor,
+    threshold: torch.Tensor,
+    mask: torch.Tensor | None,
+    also: torch.Tensor | None,
+) -> torch.Tensor:
+    """``(token_max > threshold) & mask | also``, compared in float32 (as
+    :func:`spike_token_mask` compares: a bf16 max against a float32 scalar tensor
+    would compare in bf16)."""
+    if token_max.dtype != torch.float32:
+        token_max = token_max.float()
+    rows = token_max > threshold
+    if mask is not None:
+        rows &= mask.reshape(rows.shape)
+    if also is not None:
+        rows |= also
+    return rows
+
+
 def _past_length(past_key_values, layer_index: int) -> int | torch.Tensor:
     """Tokens already in the KV cache at layer ``layer_index`` (0 without a
     cache); a static cache keeps its length on the device, which is then returned
@@ -1260,6 +1279,14 @@ class SpikeFreeRuntime:
         if write is not None:
             raise ValueError("write= needs the short-sequence detection kernel")
         token_max = detect_token_max(hidden, float32=False)
+        if hidden.shape[-2] < MIN_TOKENS_FOR_MEDIAN and _indexed(hidden):
+            # a decode step on the host: the threshold alone decides, in as few ops
+            # as it takes (spike_token_mask's, without its general cases)
+            rows = _over_threshold(token_max, threshold, mask, also)
+            self.note_spikes(rows)
+            if zero:
+                zero_rows(hidden, rows, kinds)
+            return rows
         previous = self._previous_for(token_max) if follow else None
         if (decide := row_decider(token_max)) is not None:
             record = self._record(hidden)
