@@ -15,6 +15,7 @@ from iq_transform import get_runtime
 from iq_transform.evaluation.host_syncs import count_host_syncs
 from iq_transform.evaluation.perplexity import perplexity
 from iq_transform.kernels import Int8ExecutionError, is_int8_executed, to_int8_cpu
+from iq_transform.kernels.int8_cpu import Int8StaticLinear
 from iq_transform.models.offload import move_model
 from iq_transform.spikefree.templates import FIRST_TOKEN
 from tests.test_checkpoint import greedy, quantized
@@ -237,7 +238,7 @@ def test_the_int8_gemm_is_a_fast_onednn_kernel_on_this_cpu():
         "from iq_transform.kernels.int8_cpu import Int8StaticLinear\n"
         "linear = torch.nn.Linear(64, 96, bias=False)\n"
         "codes = torch.randint(-127, 128, (96, 64), dtype=torch.int8)\n"
-        "kernel = Int8StaticLinear(linear, 0.02, codes, torch.rand(96) / 100,"
+        "kernel = Int8StaticLinear(linear.bias, 0.02, codes, torch.rand(96) / 100,"
         " torch.float32)\n"
         "kernel(torch.randn(32, 64))\n"
     )
@@ -255,3 +256,55 @@ def test_the_int8_gemm_is_a_fast_onednn_kernel_on_this_cpu():
     ]
     assert matmuls, run.stdout[-2000:]
     assert not any(name.startswith("ref") for name in matmuls), matmuls
+
+
+def test_siblings_share_one_gemm_with_their_own_outputs(calibration, planted_windows):
+    """q/k/v and gate/up read one norm's output with one input scale: one
+    quantization and one GEMM serve them, every output bit for bit its own."""
+    own, _ = quantized_on_cpu(calibration)
+    to_int8_cpu(own, join_siblings=False)
+    joined, _ = quantized_on_cpu(calibration)
+    to_int8_cpu(joined)
+    groups = {
+        id(m.int8_kernel.group)
+        for m in joined.modules()
+        if hasattr(getattr(m, "int8_kernel", None), "group")
+    }
+    assert len(groups) == 6 * 2  # every layer's q/k/v and gate/up
+    with torch.no_grad():
+        expected = own(input_ids=planted_windows).logits
+        got = joined(input_ids=planted_windows).logits
+    torch.testing.assert_close(got, expected, rtol=0, atol=0)
+
+
+def test_a_sibling_product_is_made_anew_for_another_or_rewritten_input():
+    from iq_transform.kernels.int8_cpu import Int8SiblingLinears, _SiblingColumns
+
+    torch.manual_seed(0)
+    first, second = torch.nn.Linear(16, 8), torch.nn.Linear(16, 4)
+    weights = [
+        (torch.randint(-127, 128, (n, 16), dtype=torch.int8), torch.rand(n) / 50)
+        for n in (8, 4)
+    ]
+    group = Int8SiblingLinears([first, second], 0.05, weights, torch.float32)
+    alone = [
+        Int8StaticLinear(m.bias, 0.05, c, s, torch.float32)
+        for m, (c, s) in zip((first, second), weights, strict=True)
+    ]
+    forwards = [_SiblingColumns(group, m) for m in (first, second)]
+    x = torch.randn(3, 5, 16)
+    assert torch.equal(forwards[0](x), alone[0](x))
+    x.mul_(2)  # written in place after the product was made: made anew
+    assert torch.equal(forwards[1](x), alone[1](x))
+    y = torch.randn(3, 5, 16)
+    assert torch.equal(forwards[0](y), alone[0](y))
+    assert torch.equal(forwards[0](y), alone[0](y))  # asked twice: made anew
+    assert torch.equal(forwards[1](x), alone[1](x))
+
+
+def test_siblings_behind_an_input_rotation_keep_their_own_gemms(calibration):
+    model, _ = quantized_on_cpu(calibration)
+    q_proj = get_runtime(model).layers[0].layer.self_attn.q_proj
+    q_proj.register_forward_pre_hook(lambda module, args: None)
+    to_int8_cpu(model)
+    assert isinstance(q_proj.int8_kernel, Int8StaticLinear)

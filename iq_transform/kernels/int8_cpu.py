@@ -23,6 +23,7 @@ from compressed_tensors.quantization.lifecycle.forward import quantize
 from loguru import logger
 from torch import nn
 
+from iq_transform.models.arch import UnknownArchitectureError, get_arch_spec
 from iq_transform.models.offload import is_offloaded, move_model
 from iq_transform.spikefree.exact_rows import through_pre_hooks
 from iq_transform.spikefree.runtime import get_runtime
@@ -30,6 +31,7 @@ from iq_transform.spikefree.runtime import get_runtime
 __all__ = [
     "EXECUTABLE",
     "Int8ExecutionError",
+    "Int8SiblingLinears",
     "Int8StaticLinear",
     "is_int8_executed",
     "to_int8_cpu",
@@ -65,7 +67,7 @@ class Int8StaticLinear:
     submodules stay), so QuIP's rotation hooks and the runtime's exact-row hook
     keep working.
 
-    :param module: the fake-quantized Linear
+    :param bias: the Linear's (out,) bias, or ``None``
     :param input_scale: its static per-tensor input scale
     :param codes: (out, in) int8 weight codes
     :param weight_scale: (out,) float32 per-channel weight scales
@@ -74,7 +76,7 @@ class Int8StaticLinear:
 
     def __init__(
         self,
-        module: nn.Linear,
+        bias: torch.Tensor | None,
         input_scale: float,
         codes: torch.Tensor,
         weight_scale: torch.Tensor,
@@ -85,11 +87,15 @@ class Int8StaticLinear:
         self.packed = torch.ops.onednn.qlinear_prepack(codes, None)
         self.weight_scale = weight_scale
         self.weight_zero_point = torch.zeros_like(weight_scale, dtype=torch.int32)
-        bias = module.bias
         self.bias = None if bias is None else bias.detach().float().clone()
         self.output_dtype = output_dtype
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        return self.product(x).reshape(*x.shape[:-1], self.out_features)
+
+    def product(self, x: torch.Tensor) -> torch.Tensor:
+        """(rows, out) output of ``x`` (..., in): quantized with the static scale,
+        one int8 GEMM, dequantized with the per-channel weight scales."""
         flat = x.reshape(-1, x.shape[-1])
         if flat.dtype != torch.float32:
             flat = flat.float()
@@ -106,7 +112,7 @@ class Int8StaticLinear:
         # with zero point 128 directly rounds x / scale + 128, which differs from
         # the fake-quantized codes at some rounding boundaries.
         codes.bitwise_xor_(SIGN_BIT)  # in place: the codes are this call's own
-        output = torch.ops.onednn.qlinear_pointwise(
+        return torch.ops.onednn.qlinear_pointwise(
             codes,
             self.input_scale,
             ACTIVATION_ZERO_POINT,
@@ -121,7 +127,78 @@ class Int8StaticLinear:
             [],
             "",
         )
-        return output.reshape(*x.shape[:-1], self.out_features)
+
+
+class Int8SiblingLinears:
+    """Linears that read the same input with the same static input scale (q/k/v
+    after a layer's first norm, gate/up after its second) as one int8 GEMM: the
+    input is quantized once and their weights are one matrix. Each sibling's
+    forward takes its columns of the shared product; int32 accumulation is exact
+    and the dequantization is per output channel, so every column equals the
+    sibling's own GEMM bit for bit. A call with an input the product was not made
+    from (or one written in place since) makes the product anew.
+
+    :param siblings: the fake-quantized Linears, in order
+    :param input_scale: their common static input scale
+    :param weights: each sibling's (int8 codes, per-channel scales)
+    :param output_dtype: the dtype of the forwards' outputs
+    """
+
+    def __init__(
+        self,
+        siblings: list[nn.Linear],
+        input_scale: float,
+        weights: list[tuple[torch.Tensor, torch.Tensor]],
+        output_dtype: torch.dtype,
+    ):
+        codes = torch.cat([c for c, _ in weights])
+        scales = torch.cat([s for _, s in weights])
+        bias = None
+        if any(m.bias is not None for m in siblings):
+            bias = torch.cat([_bias_or_zeros(m) for m in siblings])
+        self.kernel = Int8StaticLinear(bias, input_scale, codes, scales, output_dtype)
+        self.columns: dict[nn.Linear, tuple[int, int]] = {}
+        start = 0
+        for sibling, (sibling_codes, _) in zip(siblings, weights, strict=True):
+            self.columns[sibling] = (start, start + sibling_codes.shape[0])
+            start += sibling_codes.shape[0]
+        self._made_from: tuple | None = None
+        self._product: torch.Tensor | None = None
+        self._taken: set = set()
+
+    def columns_of(self, sibling: nn.Linear, x: torch.Tensor) -> torch.Tensor:
+        """``sibling``'s output for ``x``: its columns of the shared product."""
+        made_from = (x, x._version)
+        if (
+            self._made_from is None
+            or self._made_from[0] is not x
+            or self._made_from[1] != x._version
+            or sibling in self._taken
+        ):
+            self._product = self.kernel.product(x)
+            self._made_from, self._taken = made_from, set()
+        start, end = self.columns[sibling]
+        output = self._product[:, start:end].reshape(*x.shape[:-1], end - start)
+        self._taken.add(sibling)
+        if len(self._taken) == len(self.columns):  # every sibling has its columns
+            self._made_from = self._product = None
+        return output
+
+
+def _bias_or_zeros(linear: nn.Linear) -> torch.Tensor:
+    if linear.bias is None:
+        return torch.zeros(linear.out_features)
+    return linear.bias.detach().float()
+
+
+class _SiblingColumns:
+    """One sibling's forward: its columns of the shared int8 product."""
+
+    def __init__(self, group: Int8SiblingLinears, sibling: nn.Linear):
+        self.group, self.sibling = group, sibling
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        return self.group.columns_of(self.sibling, x)
 
 
 def _int8_forward(self: nn.Linear, x: torch.Tensor) -> torch.Tensor:
@@ -208,6 +285,43 @@ def _template_outputs(
     return outputs
 
 
+def _input_scale(module: nn.Linear) -> float:
+    return float(module.input_scale.detach().float().reshape(-1)[0])
+
+
+def _sibling_groups(
+    model: nn.Module, forwards: dict[nn.Module, Int8StaticLinear]
+) -> list[list[nn.Linear]]:
+    """The linears each decoder layer's norms feed (the architecture's
+    ``norm_linears``) that can share one GEMM: all converted, one input scale, one
+    bias-or-not, and no input hook (an online rotation makes each its own input)."""
+    try:
+        arch = get_arch_spec(model)
+    except UnknownArchitectureError:
+        return []
+    groups = []
+    for layer in arch.decoder_layers(model):
+        for names in arch.norm_linears.values():
+            siblings = [layer.get_submodule(name) for name in names]
+            if len(siblings) < 2 or any(s not in forwards for s in siblings):
+                continue
+            if len({_input_scale(s) for s in siblings}) != 1:
+                continue
+            if any(_reads_input_first(s) for s in siblings):
+                continue
+            groups.append(siblings)
+    return groups
+
+
+def _reads_input_first(module: nn.Module) -> bool:
+    """Whether an input hook may change ``module``'s input (an online rotation):
+    not the onload hooks of :mod:`iq_transform.models.offload`."""
+    return any(
+        not getattr(hook, "leaves_inputs_alone", False)
+        for hook in module._forward_pre_hooks.values()
+    )
+
+
 def _decompress(model: nn.Module) -> None:
     """A model saved with ``save_compressed`` (or just reloaded) holds int8
     weights until compressed-tensors' hook decompresses it on the first forward;
@@ -219,7 +333,9 @@ def _decompress(model: nn.Module) -> None:
 
 
 @torch.no_grad()
-def to_int8_cpu(model: nn.Module, dtype: torch.dtype = torch.float32) -> nn.Module:
+def to_int8_cpu(
+    model: nn.Module, dtype: torch.dtype = torch.float32, join_siblings: bool = True
+) -> nn.Module:
     """Give every quantized Linear of ``model`` an int8 CPU forward, in place.
 
     All-or-nothing: every module is checked and prepared before the first one is
@@ -232,6 +348,10 @@ def to_int8_cpu(model: nn.Module, dtype: torch.dtype = torch.float32) -> nn.Modu
         runtime's insertions, ``lm_head``) and of the int8 linears' outputs;
         ``torch.bfloat16`` runs them in bf16 (AMX / AVX-512 BF16) while the
         converted linears keep their float32 weights for ``save_pretrained``
+    :param join_siblings: the linears that read one norm's output with one input
+        scale (q/k/v, gate/up) share one quantization of it and one GEMM
+        (:class:`Int8SiblingLinears`; the same outputs, bit for bit); ``False``:
+        one GEMM each
     :return: ``model``, converted
     :raises Int8ExecutionError: nothing to execute, a scheme the kernels cannot
         run (named, with what can), or no oneDNN
@@ -284,10 +404,19 @@ def to_int8_cpu(model: nn.Module, dtype: torch.dtype = torch.float32) -> nn.Modu
     forwards = {}
     for _, module in quantized:
         codes, weight_scale = weights[module]
-        input_scale = float(module.input_scale.detach().float().reshape(-1)[0])
         forwards[module] = Int8StaticLinear(
-            module, input_scale, codes, weight_scale, dtype
+            module.bias, _input_scale(module), codes, weight_scale, dtype
         )
+    groups = _sibling_groups(model, forwards) if join_siblings else []
+    for siblings in groups:
+        group = Int8SiblingLinears(
+            siblings,
+            _input_scale(siblings[0]),
+            [weights[sibling] for sibling in siblings],
+            dtype,
+        )
+        for sibling in siblings:
+            forwards[sibling] = _SiblingColumns(group, sibling)
     # the float weights stay: save_pretrained still writes the checkpoint
     for module, kernel in forwards.items():
         module.int8_kernel = kernel
@@ -303,6 +432,7 @@ def to_int8_cpu(model: nn.Module, dtype: torch.dtype = torch.float32) -> nn.Modu
     setattr(model, _EXECUTED_ATTRIBUTE, True)
     logger.info(
         f"int8 CPU kernels: {len(forwards)} Linears converted ({dtype} elsewhere), "
-        f"{len(template_outputs)} with exact template rows"
+        f"{len(template_outputs)} with exact template rows, "
+        f"{sum(map(len, groups))} in {len(groups)} GEMMs shared by siblings"
     )
     return model
