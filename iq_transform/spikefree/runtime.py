@@ -167,15 +167,16 @@ def _write_host_rows(
 ) -> None:
     """Rows ``flat`` of ``tensor`` (batch, tokens, features), in place: ``values``
     (one row each), or zeros."""
-    if tensor.is_contiguous():
+    try:  # contiguous, or columns of a wider output (joined int8 GEMMs)
         rows = tensor.view(-1, tensor.shape[-1])
-        if values is None:
-            rows.index_fill_(0, flat, 0.0)
-        else:
-            rows.index_copy_(0, flat, values)
+    except RuntimeError:  # rows no 2-D view reaches
+        index = torch.unravel_index(flat, tensor.shape[:-1])
+        tensor[index] = 0.0 if values is None else values
         return
-    index = torch.unravel_index(flat, tensor.shape[:-1])
-    tensor[index] = 0.0 if values is None else values
+    if values is None:
+        rows.index_fill_(0, flat, 0.0)
+    else:
+        rows.index_copy_(0, flat, values)
 
 
 def _in_place_kernel(output: torch.Tensor, rows: torch.Tensor):
