@@ -8,7 +8,8 @@ Variants (same model, same tokens, same threads):
   Linears (dynamic per-tensor activations: what a CPU user gets from PyTorch);
 - ``fake-quant``: W8A8 static + SpikeFree after ``oneshot`` (float kernels);
 - ``int8 static + SpikeFree``: the same model through ``to_int8_cpu``, with
-  float32 or bf16 everywhere else (norms, attention, ``lm_head``);
+  float32 or bf16 everywhere else (norms, attention, ``lm_head``), and with q/k/v
+  and gate/up each in their own GEMM (``join_siblings=False``);
 - ``llama.cpp`` (if llama-cpp-cffi is installed: ``pip install --no-deps
   llama-cpp-cffi==0.4.42``, see ``llama_cpp_anchor.py``): the model's GGUF and
   its Q8_0 requantization with llama.cpp's own quantize API, batch 1 only.
@@ -157,6 +158,10 @@ def build_variants(args, tokenizer_windows) -> dict[str, nn.Module]:
     )
     variants["int8 static + SpikeFree, bf16 elsewhere"] = to_int8_cpu(
         load_pretrained(checkpoint), dtype=torch.bfloat16
+    )
+    # q/k/v and gate/up each in their own GEMM: what joining the siblings gains
+    variants["int8 static + SpikeFree, a GEMM per linear"] = to_int8_cpu(
+        load_pretrained(checkpoint), join_siblings=False
     )
     return variants, tokenizer
 
