@@ -30,6 +30,17 @@ def planted_windows(planted):
     return torch.stack(rows)
 
 
+@pytest.fixture(scope="module")
+def w8a8_rtn_on_device(calibration):
+    """The planted model after oneshot with W8A8 static + SpikeFree RTN, on the
+    device the tests run on (a GPU where there is one)."""
+    from iq_transform.models.offload import move_model
+    from tests.test_checkpoint import quantized
+
+    model, tokenizer = quantized("w8a8_static", "rtn", calibration)
+    return move_model(model, "cuda" if torch.cuda.is_available() else "cpu"), tokenizer
+
+
 @pytest.fixture(scope="session")
 def calibration():
     """Four 128-token Brown windows for the tiny planted model: exactly SpikeFree's
@@ -37,3 +48,16 @@ def calibration():
     _, tokenizer = load_model("tiny-planted")
     documents = load_documents(TextSource(path="shared/brown/brown.txt"))[:200]
     return calibration_windows(tokenizer, documents, num_samples=4, seqlen=128)
+
+
+def count_calls(monkeypatch, owner, name: str) -> list:
+    """Record each call of ``owner.name`` (which still runs) in the returned list."""
+    calls = []
+    original = getattr(owner, name)
+
+    def counted(*args, **kwargs):
+        calls.append(1)
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(owner, name, counted)
+    return calls

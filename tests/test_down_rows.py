@@ -9,18 +9,11 @@ import torch
 from compressed_tensors.quantization import QuantizationArgs, QuantizationStatus
 
 from iq_transform import get_runtime
-from iq_transform.models.offload import move_model
 from iq_transform.spikefree import runtime as runtime_module
-from tests.test_checkpoint import quantized
+from tests.conftest import count_calls
 from tests.test_sync_free import DEVICE
 
 DOWN_SITE = 2  # a carrier layer of the planted model: its down_proj has a template
-
-
-@pytest.fixture(scope="module")
-def fake_quantized(calibration):
-    model, tokenizer = quantized("w8a8_static", "rtn", calibration)
-    return move_model(model, DEVICE), tokenizer
 
 
 def _down_proj(model, layer: int = DOWN_SITE):
@@ -37,19 +30,13 @@ def _logits_and_step(model, prompt: torch.Tensor) -> tuple[torch.Tensor, ...]:
 
 @pytest.mark.parametrize("device_path", [False, True])
 def test_rows_found_after_down_proj_give_the_zeroing_paths_outputs(
-    fake_quantized, calibration, monkeypatch, device_path
+    w8a8_rtn_on_device, calibration, monkeypatch, device_path
 ):
-    model, _ = fake_quantized
+    model, _ = w8a8_rtn_on_device
     if device_path:  # torch.where over every row, as on a GPU
         monkeypatch.setattr(runtime_module, "HOST_INDEXED_DEVICES", set())
     prompt = calibration[:2, :48].to(DEVICE)
-    zeroed = []
-    original_zero_rows = runtime_module.zero_rows
-    monkeypatch.setattr(
-        runtime_module,
-        "zero_rows",
-        lambda *args, **kwargs: zeroed.append(1) or original_zero_rows(*args, **kwargs),
-    )
+    zeroed = count_calls(monkeypatch, runtime_module, "zero_rows")
     after = _logits_and_step(model, prompt)
     handled_after = get_runtime(model).last_spike_tokens.clone()
     assert not zeroed  # a frozen static model: nothing zeroed
@@ -62,11 +49,11 @@ def test_rows_found_after_down_proj_give_the_zeroing_paths_outputs(
 
 
 def test_a_hook_reading_down_projs_input_sees_the_spike_rows_zeroed(
-    fake_quantized, calibration
+    w8a8_rtn_on_device, calibration
 ):
     """An observer, GPTQ's Hessian or a transform on ``down_proj`` must never see a
     spike: with any such hook the rows are zeroed before it runs, as before."""
-    model, _ = fake_quantized
+    model, _ = w8a8_rtn_on_device
     down_proj = _down_proj(model)
     seen = []
     handle = down_proj.register_forward_pre_hook(
@@ -83,8 +70,8 @@ def test_a_hook_reading_down_projs_input_sees_the_spike_rows_zeroed(
     assert torch.count_nonzero(seen[0][0, ~rows]) > 0
 
 
-def test_which_down_proj_inputs_keep_their_rows_apart(fake_quantized):
-    model, _ = fake_quantized
+def test_which_down_proj_inputs_keep_their_rows_apart(w8a8_rtn_on_device):
+    model, _ = w8a8_rtn_on_device
     layer = get_runtime(model).layers[DOWN_SITE]
     down_proj, own = _down_proj(model), layer._down_hook_ids
     stay_apart = runtime_module._rows_stay_apart

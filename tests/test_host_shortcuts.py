@@ -9,16 +9,9 @@ import pytest
 import torch
 
 from iq_transform import get_runtime
-from iq_transform.models.offload import move_model
 from iq_transform.spikefree import runtime as runtime_module
-from tests.test_checkpoint import quantized
+from tests.conftest import count_calls
 from tests.test_sync_free import DEVICE
-
-
-@pytest.fixture(scope="module")
-def fake_quantized(calibration):
-    model, tokenizer = quantized("w8a8_static", "rtn", calibration)
-    return move_model(model, DEVICE), tokenizer
 
 
 def _decode_logits(model, prompt, step, before_step=lambda: None) -> torch.Tensor:
@@ -30,18 +23,12 @@ def _decode_logits(model, prompt, step, before_step=lambda: None) -> torch.Tenso
 
 @pytest.mark.parametrize("token", ["a", "\n"])  # an ordinary token, a delimiter
 def test_a_decode_step_reads_its_rows_on_the_host_and_skips_what_it_can(
-    fake_quantized, calibration, monkeypatch, token
+    w8a8_rtn_on_device, calibration, monkeypatch, token
 ):
-    model, tokenizer = fake_quantized
+    model, tokenizer = w8a8_rtn_on_device
     prompt = calibration[:2, :40].to(DEVICE)
     step = torch.tensor([tokenizer(token).input_ids[-1]] * 2, device=DEVICE)[:, None]
-    insertions = []
-    insert = runtime_module.insert_templates
-    monkeypatch.setattr(
-        runtime_module,
-        "insert_templates",
-        lambda *args, **kwargs: insertions.append(1) or insert(*args, **kwargs),
-    )
+    insertions = count_calls(monkeypatch, runtime_module, "insert_templates")
     # the host path (index writes, rows read) on whatever device the tests run on
     host_indexed = {torch.device(DEVICE).type}
     monkeypatch.setattr(runtime_module, "HOST_INDEXED_DEVICES", host_indexed)

@@ -748,19 +748,22 @@ class LayerRuntime:
         templates = layer_templates.norm_templates.get(name)
         if templates is None:
             return None
+        arguments = {
+            "weight_offset": self.arch.norm_weight_offset,
+            "templates": templates,
+            "kinds": state.kinds,
+            "cast_before_weight": cast_before_weight,
+        }
         if state.pending is not None and hidden is state.pending[0]:
             # a decode step: the layer input's detection runs in this pass
             output, rows = fused_norm_templates(
                 hidden,
                 weight,
                 _norm_epsilon(norm),
-                weight_offset=self.arch.norm_weight_offset,
-                templates=templates,
-                kinds=state.kinds,
                 threshold=layer_templates.residual_threshold,
                 valid=state.mask,
                 record=self.runtime._record(hidden),
-                cast_before_weight=cast_before_weight,
+                **arguments,
             )
             state.pending, state.carriers = None, rows
             set_excluded_rows(rows)
@@ -769,14 +772,7 @@ class LayerRuntime:
             if rows.shape != hidden.shape[:-1]:
                 return None
             output, _ = fused_norm_templates(
-                hidden,
-                weight,
-                _norm_epsilon(norm),
-                weight_offset=self.arch.norm_weight_offset,
-                templates=templates,
-                kinds=state.kinds,
-                rows=rows,
-                cast_before_weight=cast_before_weight,
+                hidden, weight, _norm_epsilon(norm), rows=rows, **arguments
             )
         state.fused.add(name)
         return output
