@@ -12,6 +12,8 @@ so the difference between the runtime installed and removed is the runtime's own
 host time per layer. A real launch adds CompiledKernel.run's 6-10 us per kernel
 (``launch_costs.py``), and the GPU hosts lent so far run Python more slowly than
 this CPU: read the per-layer figure as a lower bound, and compare commits with it.
+The kernel launches of one installed step are printed too (three a templated
+layer), so a run that fell back to the CPU path shows as one with none.
 
     python benchmarks/runtime_host_proxy.py --layers 4 --steps 300
 """
@@ -41,8 +43,12 @@ def _next_power_of_2(n: int) -> int:
     return 1 << (int(n) - 1).bit_length()
 
 
+LAUNCHES = [0]
+
+
 def _stubbed_launch(self, grid, args, constants, **options) -> None:
     triton_launch.launch_key(0, args, constants, options)  # the host work kept
+    LAUNCHES[0] += 1
 
 
 def take_the_cuda_path() -> None:
@@ -96,13 +102,17 @@ def main() -> None:
                 start = time.perf_counter()
                 decode()
                 times[name].append(time.perf_counter() - start)
+        # the launches of one installed step: the CUDA path ran, not the CPU's
+        runtime_overhead.install(layers, templates, runtime_overhead.INSTALLED)
+        LAUNCHES[0] = 0
+        decode()
     medians = {name: statistics.median(t) * 1e6 for name, t in times.items()}
     extra = medians[runtime_overhead.INSTALLED] - medians[runtime_overhead.REMOVED]
     print(
         f"decode step, {args.layers} layers at widths {tuple(args.widths)}: removed "
         f"{medians[runtime_overhead.REMOVED]:.0f} us, installed "
         f"{medians[runtime_overhead.INSTALLED]:.0f} us; the runtime's host time "
-        f"{extra / args.layers:.1f} us a layer"
+        f"{extra / args.layers:.1f} us a layer ({LAUNCHES[0]} kernel launches a step)"
     )
 
 

@@ -78,3 +78,25 @@ def test_the_hot_path_reads_attributes_as_getattr_does():
     assert read(linear, "quantization_scheme") is scheme
     assert read(_WithClassDefault(4, 4), "quantization_enabled", True) is False
     assert read(linear, "in_features") == 4
+
+
+def test_the_host_time_proxy_takes_the_cuda_path():
+    """``benchmarks/runtime_host_proxy.py`` times the runtime's CUDA path on a CPU:
+    a decode step of its 4-layer model launches the three kernels of every layer
+    (the first norm with the detection, the second norm, ``down_proj``'s rows)."""
+    import re
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parent.parent
+    run = subprocess.run(
+        [sys.executable, "benchmarks/runtime_host_proxy.py", "--steps", "3"],
+        cwd=root,
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    found = re.search(r"(\d+) kernel launches a step", run.stdout)
+    assert found, run.stdout[-2000:] + run.stderr[-2000:]
+    assert int(found.group(1)) == 3 * 4
