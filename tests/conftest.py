@@ -36,9 +36,10 @@ def w8a8_rtn_on_device(calibration):
     device the tests run on (a GPU where there is one)."""
     from iq_transform.models.offload import move_model
     from tests.test_checkpoint import quantized
+    from tests.test_sync_free import DEVICE
 
     model, tokenizer = quantized("w8a8_static", "rtn", calibration)
-    return move_model(model, "cuda" if torch.cuda.is_available() else "cpu"), tokenizer
+    return move_model(model, DEVICE), tokenizer
 
 
 @pytest.fixture(scope="session")

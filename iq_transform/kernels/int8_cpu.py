@@ -25,7 +25,7 @@ from torch import nn
 
 from iq_transform.models.arch import UnknownArchitectureError, get_arch_spec
 from iq_transform.models.offload import is_offloaded, move_model
-from iq_transform.spikefree.exact_rows import through_pre_hooks
+from iq_transform.spikefree.exact_rows import leaves_inputs_alone, through_pre_hooks
 from iq_transform.spikefree.runtime import get_runtime
 
 __all__ = [
@@ -293,8 +293,8 @@ def _sibling_groups(
     model: nn.Module, forwards: dict[nn.Module, Int8StaticLinear]
 ) -> list[list[nn.Linear]]:
     """The linears each decoder layer's norms feed (the architecture's
-    ``norm_linears``) that can share one GEMM: all converted, one input scale, one
-    bias-or-not, and no input hook (an online rotation makes each its own input)."""
+    ``norm_linears``) that can share one GEMM: all converted, one input scale, and
+    no input hook (an online rotation makes each its own input)."""
     try:
         arch = get_arch_spec(model)
     except UnknownArchitectureError:
@@ -316,10 +316,7 @@ def _sibling_groups(
 def _reads_input_first(module: nn.Module) -> bool:
     """Whether an input hook may change ``module``'s input (an online rotation):
     not the onload hooks of :mod:`iq_transform.models.offload`."""
-    return any(
-        not getattr(hook, "leaves_inputs_alone", False)
-        for hook in module._forward_pre_hooks.values()
-    )
+    return not all(map(leaves_inputs_alone, module._forward_pre_hooks.values()))
 
 
 def _decompress(model: nn.Module) -> None:

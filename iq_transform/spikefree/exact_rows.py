@@ -14,7 +14,18 @@ from compressed_tensors.quantization import QuantizationStatus
 from compressed_tensors.quantization.lifecycle import forward_quantize
 from torch import nn
 
-__all__ = ["frozen_weights", "linear_with_unquantized_input", "through_pre_hooks"]
+__all__ = [
+    "frozen_weights",
+    "leaves_inputs_alone",
+    "linear_with_unquantized_input",
+    "through_pre_hooks",
+]
+
+
+def leaves_inputs_alone(hook) -> bool:
+    """Whether a module hook is marked as one that neither reads nor changes the
+    module's input (the onload hooks of :mod:`iq_transform.models.offload`)."""
+    return getattr(hook, "leaves_inputs_alone", False)
 
 
 def through_pre_hooks(module: nn.Module, inputs: torch.Tensor) -> torch.Tensor:
@@ -26,7 +37,7 @@ def through_pre_hooks(module: nn.Module, inputs: torch.Tensor) -> torch.Tensor:
     otherwise leave offloading disabled for good).
     """
     for hook in module._forward_pre_hooks.values():
-        if getattr(hook, "leaves_inputs_alone", False):
+        if leaves_inputs_alone(hook):
             continue
         result = hook(module, (inputs,))
         if result is not None:

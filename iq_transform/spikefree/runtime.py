@@ -49,6 +49,7 @@ from iq_transform.spikefree.detect import token_max as detect_token_max
 from iq_transform.spikefree.distributed import reduce_statistics
 from iq_transform.spikefree.exact_rows import (
     frozen_weights,
+    leaves_inputs_alone,
     linear_with_unquantized_input,
     through_pre_hooks,
 )
@@ -486,9 +487,7 @@ def _rows_stay_apart(module: nn.Module, own_hooks: tuple[int, int]) -> bool:
     if len(before) + len(after) != len(own_hooks):  # (the runtime's alone: no scan)
         hooks = {**before, **after}
         readers = {
-            hook_id
-            for hook_id, hook in hooks.items()
-            if not getattr(hook, "leaves_inputs_alone", False)
+            hook_id for hook_id, hook in hooks.items() if not leaves_inputs_alone(hook)
         }
         if readers != set(own_hooks):
             return False
@@ -1040,25 +1039,6 @@ def _cache_layer_index(layer: nn.Module) -> int:
     return getattr(getattr(layer, "self_attn", None), "layer_idx", 0)
 
 
-def _over_threshold(
-    token_max: torch.Tensor,
-    threshold: torch.Tensor,
-    mask: torch.Tensor | None,
-    also: torch.Tensor | None,
-) -> torch.Tensor:
-    """``(token_max > threshold) & mask | also``, compared in float32 (as
-    :func:`spike_token_mask` compares: a bf16 max against a float32 scalar tensor
-    would compare in bf16)."""
-    if token_max.dtype != torch.float32:
-        token_max = token_max.float()
-    rows = token_max > threshold
-    if mask is not None:
-        rows &= mask.reshape(rows.shape)
-    if also is not None:
-        rows |= also
-    return rows
-
-
 def _past_length(past_key_values, layer_index: int) -> int | torch.Tensor:
     """Tokens already in the KV cache at layer ``layer_index`` (0 without a
     cache); a static cache keeps its length on the device, which is then returned
@@ -1276,14 +1256,6 @@ class SpikeFreeRuntime:
         if write is not None:
             raise ValueError("write= needs the short-sequence detection kernel")
         token_max = detect_token_max(hidden, float32=False)
-        if hidden.shape[-2] < MIN_TOKENS_FOR_MEDIAN and _indexed(hidden):
-            # a decode step on the host: the threshold alone decides, in as few ops
-            # as it takes (spike_token_mask's, without its general cases)
-            rows = _over_threshold(token_max, threshold, mask, also)
-            self.note_spikes(rows)
-            if zero:
-                zero_rows(hidden, rows, kinds)
-            return rows
         previous = self._previous_for(token_max) if follow else None
         if (decide := row_decider(token_max)) is not None:
             record = self._record(hidden)
