@@ -18,8 +18,10 @@ process the second run's peak memory included the first run's model.
 from __future__ import annotations
 
 import argparse
+import atexit
 import json
 import resource
+import shutil
 import statistics
 import subprocess
 import sys
@@ -86,7 +88,9 @@ def build(layers: int, widths: tuple[int, int, int], seed: int = 0):
             before = _residual(model, probe, remove - 1)[position, spike].item()
             after = _residual(model, probe, remove)[position, spike].item()
             _scale_unit(model, remove, unit, spike, -before / (after - before))
+    # its config and tokenizer on disk, as a loaded model has them; gone at exit
     folder = tempfile.mkdtemp(prefix="llama8b-shaped-")
+    atexit.register(shutil.rmtree, folder, ignore_errors=True)
     model.config.save_pretrained(folder)
     build_char_tokenizer().save_pretrained(folder)
     model.config._name_or_path = model.name_or_path = folder

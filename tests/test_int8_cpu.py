@@ -126,6 +126,19 @@ def test_executed_logits_and_perplexity_follow_the_fake_quantized_model(
     assert ppl == pytest.approx(reference, rel=5e-3)
 
 
+def test_inference_mode_gives_what_no_grad_gives(
+    executed, fake_quantized, planted_windows
+):
+    # tensors made under inference_mode track no writes (``_version`` raises), and
+    # the runtime and the shared sibling product both cache on tensors
+    for model in (executed[0], fake_quantized[0]):
+        with torch.no_grad():
+            expected = model(planted_windows).logits
+        with torch.inference_mode():
+            got = model(planted_windows).logits
+        torch.testing.assert_close(got, expected, rtol=0, atol=0)
+
+
 def test_greedy_generation_matches_the_fake_quantized_model(executed, fake_quantized):
     assert torch.equal(greedy(*executed), greedy(*fake_quantized))
 

@@ -136,7 +136,8 @@ class Int8SiblingLinears:
     forward takes its columns of the shared product; int32 accumulation is exact
     and the dequantization is per output channel, so every column equals the
     sibling's own GEMM bit for bit. A call with an input the product was not made
-    from (or one written in place since) makes the product anew.
+    from (or one written in place since, where writes are counted: not under
+    ``torch.inference_mode``) makes the product anew.
 
     :param siblings: the fake-quantized Linears, in order
     :param input_scale: their common static input scale
@@ -168,11 +169,14 @@ class Int8SiblingLinears:
 
     def columns_of(self, sibling: nn.Linear, x: torch.Tensor) -> torch.Tensor:
         """``sibling``'s output for ``x``: its columns of the shared product."""
-        made_from = (x, x._version)
+        # under inference_mode ``x`` counts no writes: its siblings are called one
+        # after another on it (their pre-hooks leave inputs alone), so ``x`` itself
+        # is the key there
+        made_from = (x, None if x.is_inference() else x._version)
         if (
             self._made_from is None
             or self._made_from[0] is not x
-            or self._made_from[1] != x._version
+            or self._made_from[1] != made_from[1]
             or sibling in self._taken
         ):
             self._product = self.kernel.product(x)

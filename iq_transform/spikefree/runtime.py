@@ -143,7 +143,8 @@ def _host_rows(
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Flat indices of the ``rows`` that are set, and those rows' ``kinds``,
     computed once per tensor (references held, so an ``id`` is never reused while
-    cached; versions catch writes in place)."""
+    cached; versions catch writes in place, so rows made under inference_mode,
+    which count no writes, are not cached)."""
     for entry in _HOST_ROWS:
         cached_rows, rows_version, cached_kinds, kinds_version, flat, flat_kinds = entry
         if (
@@ -157,6 +158,8 @@ def _host_rows(
             return flat, flat_kinds
     flat = rows.reshape(-1).nonzero().squeeze(1)
     flat_kinds = None if kinds is None else kinds.reshape(-1).index_select(0, flat)
+    if rows.is_inference() or (kinds is not None and kinds.is_inference()):
+        return flat, flat_kinds  # made under inference_mode: no versions to check
     entry = (rows, rows._version, kinds, None if kinds is None else kinds._version)
     _HOST_ROWS.insert(0, (*entry, flat, flat_kinds))
     del _HOST_ROWS[_HOST_ROWS_ENTRIES:]
@@ -423,7 +426,9 @@ def _version(tensor: torch.Tensor | None) -> tuple | None:
     """Changes whenever ``tensor`` is replaced or written in place."""
     if tensor is None:
         return None
-    return id(tensor), tensor.data_ptr(), tensor._version
+    # a tensor made under inference_mode counts no writes: only replacing it counts
+    writes = None if tensor.is_inference() else tensor._version
+    return id(tensor), tensor.data_ptr(), writes
 
 
 def _stored_version(module: nn.Module, name: str) -> tuple | None:
