@@ -50,7 +50,7 @@ from iq_transform.evaluation.data import (
 from iq_transform.evaluation.perplexity import perplexity
 from iq_transform.export import load_pretrained
 from iq_transform.export.save import save_checkpoint
-from iq_transform.kernels import to_int8_cpu
+from iq_transform.kernels import keep_freed_memory, to_int8_cpu
 from iq_transform.models import get_arch_spec, load_model
 
 RECIPE = "recipes/w8a8_static_spikefree.yaml"
@@ -105,6 +105,8 @@ def timed(run, repeats: int) -> float:
         times.append(time.perf_counter() - start)
     return statistics.median(times)
 
+
+ALLOCATORS = ("keep-freed", "glibc-default")
 
 # torch.profiler op names whose self time makes up each part of a forward
 PARTS = {
@@ -266,10 +268,19 @@ def main() -> None:
     parser.add_argument(
         "--work-dir", default=os.path.expanduser("~/.cache/iq_transform/bench")
     )
+    parser.add_argument(
+        "--allocator",
+        choices=ALLOCATORS,
+        default="keep-freed",
+        help="keep-freed: keep_freed_memory() before any variant is built (all "
+        "share it); glibc-default: fresh pages for every allocation above 32 MiB",
+    )
     parser.add_argument("--output", type=Path, default=None)
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
+    if args.allocator == "keep-freed" and not keep_freed_memory():
+        raise SystemExit("--allocator keep-freed needs glibc; use glibc-default")
     variants, tokenizer = build_variants(args, windows_of)
     longest = max(args.seqlens)
     ids = windows_of(tokenizer, WIKITEXT, max(args.batches), longest + 1)
@@ -345,6 +356,7 @@ def main() -> None:
         "model": args.model,
         "recipe": args.recipe,
         "threads": torch.get_num_threads(),
+        "allocator": args.allocator,
         "cpu": platform.processor() or platform.machine(),
         "torch": torch.__version__,
         "seconds": times,
@@ -370,7 +382,10 @@ def print_tables(report: dict) -> None:
     names = list(times)
     keys = list(times["fp32"])
     header = " | ".join(names)
-    print(f"\n{report['model']}, {report['threads']} threads, speed-up over fp32")
+    print(
+        f"\n{report['model']}, {report['threads']} threads, allocator "
+        f"{report.get('allocator', 'glibc-default')}, speed-up over fp32"
+    )
     print(f"| shape | fp32 (s) | {header} | linear GFLOP / int8 GFLOP/s |")
     print("|" + "---|" * (len(names) + 3))
     int8 = next(n for n in names if n.startswith("int8"))  # the float32 one

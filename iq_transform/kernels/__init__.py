@@ -4,7 +4,8 @@ It sits above the method and the checkpoint export (it converts what they
 produce) and below evaluation and composition (which run what it converts).
 
 - :mod:`~iq_transform.kernels.int8_cpu`: static W8A8 INT8 in oneDNN's int8 GEMM
-  (:func:`to_int8_cpu`)
+  (:func:`to_int8_cpu`); :mod:`~iq_transform.kernels.cpu_memory`: large
+  activations on reused heap pages (:func:`keep_freed_memory`)
 - :mod:`~iq_transform.kernels.fp8`: static FP8 e4m3 in ``torch._scaled_mm`` fed by
   fused Triton norm / GLU / quantization kernels (:func:`to_fp8`)
 """
@@ -13,6 +14,7 @@ from __future__ import annotations
 
 from torch import nn
 
+from iq_transform.kernels.cpu_memory import keep_freed_memory
 from iq_transform.kernels.fp8 import to_fp8
 from iq_transform.kernels.int8_cpu import (
     Int8ExecutionError,
@@ -26,6 +28,7 @@ __all__ = [
     "check_executor",
     "execute",
     "is_int8_executed",
+    "keep_freed_memory",
     "to_fp8",
     "to_int8_cpu",
 ]
