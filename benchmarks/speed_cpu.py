@@ -18,7 +18,10 @@ Prefill runs to the last hidden state plus the last token's logits
 (``logits_to_keep=1``, as generation does); a decode step appends one token to a
 KV cache of ``--cached`` tokens. Times are medians of ``--repeats`` interleaved
 runs; each table gives the linears' FLOPs (prefill) or weight bytes (decode) as
-the hardware floor's measure, and the rate reached.
+the hardware floor's measure, and the rate reached. By default the whole process
+first calls ``keep_freed_memory()`` (``--allocator keep-freed``): glibc would
+otherwise fault in fresh pages for every activation above 32 MiB (batched
+prefill), in every variant alike.
 
     python benchmarks/speed_cpu.py --model smollm2-135m --output \
         benchmarks/results/speed_cpu_smollm2.json
