@@ -4,7 +4,7 @@ The runtime never waits for the GPU, so the host time of its hooks is the time i
 takes to enqueue their work: where a forward is host-bound (a decode step, a small
 batch), that is what the runtime costs. Each function is wrapped with a timer (the
 wrappers add a few microseconds each); ten forwards are enqueued back to back,
-with the runtime disabled and enabled, for a 1x2048 prefill and a decode step with
+with the runtime detached and installed, for a 1x2048 prefill and a decode step with
 2048 cached tokens on the planted Llama at 8B widths (``runtime_overhead.py``).
 
     python benchmarks/runtime_host_time.py --layers 4

@@ -24,6 +24,7 @@ runtime installed and removed, and times its replays against eager steps.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import statistics
 import sys
@@ -57,12 +58,13 @@ def timed(run, device: torch.device) -> float:
     return time.perf_counter() - start
 
 
-# What is timed side by side. ``removed``: the runtime disabled (the model's own
-# forward); ``installed``: enabled as a user gets it (on CUDA its norms compute
-# their template rows in the fused kernel). Where Triton runs, also:
+# What is timed side by side. ``removed``: the runtime detached (the model's own
+# forward, no hook of the runtime left in it); ``installed``: enabled as a user
+# gets it (on CUDA its norms compute their template rows in the fused kernel).
+# Where Triton runs, also:
 # ``installed, norms hooked``: enabled with ``fuse_norms=False`` (the norms run
 # themselves, templates written after them: the previous path); ``removed, fused
-# norm kernel``: disabled, with the decoder layers' norms running the same fused
+# norm kernel``: detached, with the decoder layers' norms running the same fused
 # kernel without templates, so the runtime's own cost on top of that kernel shows.
 REMOVED, INSTALLED = "removed", "installed"
 HOOKED, FUSED_KERNEL = "installed, norms hooked", "removed, fused norm kernel"
@@ -91,10 +93,11 @@ def _fused_kernel_alone(norm, hidden_states):
 
 
 def install(layers, templates, variant: str) -> None:
-    """Set up ``variant``. Disabling keeps the templates installed (every hook
-    then returns at once), so their copies on the device are made once, not before
-    every timed run (a host-to-device copy waits for the device)."""
+    """Set up ``variant``. Detaching keeps the templates installed, so their
+    copies on the device are made once, not before every timed run (a
+    host-to-device copy waits for the device)."""
     runtime = layers[0].runtime
+    _DETACHED.close()  # the runtime's hooks back in place
     runtime.enabled = variant in (INSTALLED, HOOKED)
     runtime.fuse_norms = False if variant == HOOKED else None
     for layer, layer_templates in zip(layers, templates, strict=True):
@@ -114,6 +117,12 @@ def install(layers, templates, variant: str) -> None:
         elif variant != FUSED_KERNEL and original is not None:
             norm_class.forward = original
             del norm_class._benchmark_own_forward
+    if variant in (REMOVED, FUSED_KERNEL):
+        _DETACHED.enter_context(runtime.detached())
+
+
+# the runtime detached by the variant installed last, if it is a removed one
+_DETACHED = contextlib.ExitStack()
 
 
 def cuda_kernels(run) -> int:

@@ -45,6 +45,28 @@ def test_a_decode_step_reads_its_rows_on_the_host_and_skips_what_it_can(
         assert not handled.any() and host_insertions == 0
 
 
+def test_a_short_host_sequence_under_the_threshold_is_decided_by_one_reduction(
+    planted, planted_windows, monkeypatch
+):
+    from iq_transform import SpikeFreeModifier
+    from iq_transform.composition.pipeline import apply_recipe
+
+    model, tokenizer, _ = copy.deepcopy(planted)
+    apply_recipe(model, tokenizer, [SpikeFreeModifier()], planted_windows)
+    runtime = get_runtime(model)
+    per_row = count_calls(monkeypatch, runtime_module, "spike_token_mask")
+    threshold = torch.tensor(10.0)
+    hidden = torch.full((2, 3, 8), 9.0)
+    hidden[1, 2, 5] = -10.0  # on the threshold: not over it
+    rows = runtime.spike_rows(hidden, None, threshold)
+    assert rows is runtime.no_rows(hidden) and runtime.found_none(rows)
+    assert rows.shape == (2, 3) and not rows.any() and not per_row
+    hidden[1, 2, 5] = -10.5
+    rows = runtime.spike_rows(hidden, None, threshold)
+    assert per_row and rows.tolist() == [[False] * 3, [False, False, True]]
+    assert not runtime.found_none(rows)
+
+
 def test_a_replaced_norm_is_hooked_at_the_next_forward(planted, planted_windows):
     from iq_transform import SpikeFreeModifier
     from iq_transform.composition.pipeline import apply_recipe

@@ -366,6 +366,37 @@ def test_a_disabled_runtime_runs_the_plain_forward_and_keeps_its_device_copies(
     assert not torch.equal(disabled, enabled)  # the planted spikes matter
 
 
+def _hook_keys(model) -> dict:
+    return {
+        name: [list(d) for d in (m._forward_pre_hooks, m._forward_hooks)]
+        for name, m in model.named_modules()
+    }
+
+
+def test_a_detached_runtime_leaves_no_hook_and_comes_back_in_order(
+    calibrated, calibration
+):
+    model, _ = calibrated
+    ids = calibration[:2].to(DEVICE)
+    runtime = get_runtime(model)
+    with torch.no_grad():
+        enabled = model(input_ids=ids).logits  # hooks every norm it fuses or not
+        hooked = _hook_keys(model)
+        runtime.enabled = False
+        try:
+            disabled = model(input_ids=ids).logits
+        finally:
+            runtime.enabled = True
+        with runtime.detached():
+            assert all(not pre and not post for pre, post in _hook_keys(model).values())
+            detached = model(input_ids=ids).logits
+        assert _hook_keys(model) == hooked
+        again = model(input_ids=ids).logits
+    assert torch.equal(detached, disabled)
+    assert torch.equal(again, enabled)
+    assert not torch.equal(detached, enabled)
+
+
 def test_the_launch_key_separates_what_triton_compiles_apart():
     from iq_transform.spikefree.triton_launch import launch_key
 

@@ -35,6 +35,8 @@ too. Observers learn which rows to drop from
 from __future__ import annotations
 
 import types
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 
 import torch
@@ -639,7 +641,7 @@ class LayerRuntime:
                     )
                     # where reading the rows costs nothing, a layer whose input
                     # has no carrier (most decode steps) skips every insertion
-                    has_carriers = not _indexed(hidden) or bool(carriers.any())
+                    has_carriers = not self.runtime.found_none(carriers)
             else:
                 self.runtime.forget_carriers()
             state = _Forward(
@@ -971,7 +973,7 @@ class LayerRuntime:
             )
             if short:
                 return output
-        if _indexed(output) and not bool(rows.any()):
+        if self.runtime.found_none(rows):
             return None  # on the host the check is free, the insertion's calls not
         return insert_templates(output, rows, state.kinds, values, kind=state.kind)
 
@@ -1133,6 +1135,7 @@ class SpikeFreeRuntime:
         # (batch, tokens) tokens handled in the last model forward, for inspection
         self.last_spike_tokens: torch.Tensor | None = None
         self._forward_rows: torch.Tensor | None = None
+        self._no_rows: torch.Tensor | None = None
         self._previous: tuple[torch.Tensor, torch.Tensor] | None = None
         # (key, tokens) shared by the layers of the model forward in flight
         self._in_forward = False
@@ -1260,6 +1263,16 @@ class SpikeFreeRuntime:
             return detect(hidden, threshold, mask, also, record, zero, write)
         if write is not None:
             raise ValueError("write= needs the short-sequence detection kernel")
+        if (
+            also is None
+            and _indexed(hidden)
+            and hidden.shape[-2] < MIN_TOKENS_FOR_MEDIAN
+            and not bool(hidden.detach().abs().amax() > threshold)
+        ):
+            # a short sequence on the host (a decode step) without one activation
+            # over the threshold has no spike row, found by one reduction that the
+            # host reads for free, where the per-row decision takes six ops
+            return self.no_rows(hidden)
         token_max = detect_token_max(hidden, float32=False)
         previous = self._previous_for(token_max) if follow else None
         if (decide := row_decider(token_max)) is not None:
@@ -1290,6 +1303,25 @@ class SpikeFreeRuntime:
         if zero:
             zero_rows(hidden, rows, kinds)
         return rows
+
+    def no_rows(self, hidden: torch.Tensor) -> torch.Tensor:
+        """All-False rows for ``hidden``, one tensor per shape that nobody writes
+        (:meth:`found_none` knows it without reading it), noted as this forward's
+        handled rows if none were yet."""
+        shape = hidden.shape[:-1]
+        none = self._no_rows
+        if none is None or none.shape != shape or none.device != hidden.device:
+            none = self._no_rows = torch.zeros(
+                shape, dtype=torch.bool, device=hidden.device
+            )
+        if self._forward_rows is None or self._forward_rows.shape != shape:
+            self._forward_rows = none.clone()
+        return none
+
+    def found_none(self, rows: torch.Tensor) -> bool:
+        """Whether ``rows`` is known to hold no row: :meth:`no_rows`, or a host
+        tensor with none set."""
+        return rows is self._no_rows or (_indexed(rows) and not bool(rows.any()))
 
     def _record(self, hidden: torch.Tensor) -> torch.Tensor:
         """The forward's handled rows, for a kernel to or into (zeros at first)."""
@@ -1430,6 +1462,40 @@ class SpikeFreeRuntime:
         for layer in self.layers:
             layer.statistics = None
             layer.templates = templates.layers.get(layer.index)
+
+    @contextmanager
+    def detached(self) -> Iterator[None]:
+        """The model without this runtime for the duration: every hook it registered
+        taken out of its module and every fused norm given its own forward back, so
+        the model runs exactly as if the runtime were not installed (``enabled =
+        False`` still pays the calls of hooks that return at once); all back in
+        place, in their order, after. Templates and device copies are kept."""
+        handles = [*self._handles]
+        for layer in self.layers:
+            layer._unfuse_norms()
+            layer._norms_seen = None  # fused again at the next forward
+            handles += [*layer._handles, *layer._norm_handles.values()]
+        # every dict the handles live in (hooks, with_kwargs, always_called), as is
+        dicts = {}
+        for handle in handles:
+            for ref in (handle.hooks_dict_ref, *handle.extra_dict_ref):
+                hooks = ref()
+                if hooks is not None:
+                    dicts[id(hooks)] = hooks
+        saved = [(hooks, list(hooks.items())) for hooks in dicts.values()]
+        ours = {handle.id for handle in handles}
+        for hooks in dicts.values():
+            for key in ours & hooks.keys():
+                del hooks[key]
+        try:
+            yield
+        finally:
+            for hooks, items in saved:
+                before = {key for key, _ in items}
+                added = [(k, v) for k, v in hooks.items() if k not in before]
+                hooks.clear()
+                hooks.update(items)
+                hooks.update(added)
 
     def remove(self) -> None:
         """Restore the model's own forward; templates are dropped with the runtime."""
