@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from loguru import logger
 from safetensors.torch import load_file
 from torch import nn
 from transformers.utils import cached_file
@@ -78,6 +79,13 @@ def attach_online_transforms(model: nn.Module, source, **hub_kwargs) -> bool:
             "weights hold no rotation matrices; save the model again."
         )
     model.load_state_dict(saved, strict=False)
+    # transformers has already reported these keys as UNEXPECTED ("not ok if you
+    # expect identical arch"): say that they are in place now
+    logger.info(
+        f"Online rotations attached from {source}: {len(saved)} rotation "
+        f"matrices loaded into {len(transform_keys)} transforms (the keys "
+        "transformers' load report calls UNEXPECTED)"
+    )
     return True
 
 
