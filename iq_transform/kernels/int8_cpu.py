@@ -26,7 +26,7 @@ from torch import nn
 from iq_transform.models.arch import UnknownArchitectureError, get_arch_spec
 from iq_transform.models.offload import is_offloaded, move_model
 from iq_transform.spikefree.exact_rows import leaves_inputs_alone, through_pre_hooks
-from iq_transform.spikefree.runtime import get_runtime
+from iq_transform.spikefree.runtime import get_runtime, write_count
 
 __all__ = [
     "EXECUTABLE",
@@ -172,7 +172,7 @@ class Int8SiblingLinears:
         # under inference_mode ``x`` counts no writes: its siblings are called one
         # after another on it (their pre-hooks leave inputs alone), so ``x`` itself
         # is the key there
-        made_from = (x, None if x.is_inference() else x._version)
+        made_from = (x, write_count(x))
         if (
             self._made_from is None
             or self._made_from[0] is not x
@@ -289,10 +289,6 @@ def _template_outputs(
     return outputs
 
 
-def _input_scale(module: nn.Linear) -> float:
-    return float(module.input_scale.detach().float().reshape(-1)[0])
-
-
 def _sibling_groups(
     model: nn.Module, forwards: dict[nn.Module, Int8StaticLinear]
 ) -> list[list[nn.Linear]]:
@@ -309,7 +305,7 @@ def _sibling_groups(
             siblings = [layer.get_submodule(name) for name in names]
             if len(siblings) < 2 or any(s not in forwards for s in siblings):
                 continue
-            if len({_input_scale(s) for s in siblings}) != 1:
+            if len({forwards[s].input_scale for s in siblings}) != 1:
                 continue
             if any(_reads_input_first(s) for s in siblings):
                 continue
@@ -405,14 +401,15 @@ def to_int8_cpu(
     forwards = {}
     for _, module in quantized:
         codes, weight_scale = weights[module]
+        input_scale = float(module.input_scale.detach().float().reshape(-1)[0])
         forwards[module] = Int8StaticLinear(
-            module.bias, _input_scale(module), codes, weight_scale, dtype
+            module.bias, input_scale, codes, weight_scale, dtype
         )
     groups = _sibling_groups(model, forwards) if join_siblings else []
     for siblings in groups:
         group = Int8SiblingLinears(
             siblings,
-            _input_scale(siblings[0]),
+            forwards[siblings[0]].input_scale,
             [weights[sibling] for sibling in siblings],
             dtype,
         )

@@ -74,6 +74,7 @@ __all__ = [
     "SpikeFreeRuntime",
     "get_runtime",
     "on_runtime_installed",
+    "write_count",
 ]
 
 _RUNTIME_ATTRIBUTE = "_spikefree_runtime"
@@ -428,9 +429,13 @@ def _version(tensor: torch.Tensor | None) -> tuple | None:
     """Changes whenever ``tensor`` is replaced or written in place."""
     if tensor is None:
         return None
-    # a tensor made under inference_mode counts no writes: only replacing it counts
-    writes = None if tensor.is_inference() else tensor._version
-    return id(tensor), tensor.data_ptr(), writes
+    return id(tensor), tensor.data_ptr(), write_count(tensor)
+
+
+def write_count(tensor: torch.Tensor) -> int | None:
+    """How often ``tensor`` was written in place, or ``None`` for one made under
+    ``torch.inference_mode``, which counts no writes (only replacing it shows)."""
+    return None if tensor.is_inference() else tensor._version
 
 
 def _stored_version(module: nn.Module, name: str) -> tuple | None:
@@ -594,7 +599,6 @@ class LayerRuntime:
             handle.remove()
         self._norm_handles.clear()
         self._unfuse_norms()
-        self._norms_seen = None
 
     # -- hooks -----------------------------------------------------------------
     def _before_layer(self, module, args, kwargs):
@@ -722,13 +726,15 @@ class LayerRuntime:
 
     def _unfuse_norms(self) -> None:
         """Give every fused norm its own forward back (inside the offload wrapper,
-        if it still has one)."""
+        if it still has one); the next forward checks the norms again (and fuses
+        them again if the runtime still fuses)."""
         for norm, forward in self._fused_norms.values():
             if vars(norm).get("_original_forward_func") is forward:
                 norm._original_forward_func = type(norm).forward
             elif getattr(vars(norm).get("forward"), "__func__", None) is forward:
                 del norm.forward
         self._fused_norms.clear()
+        self._norms_seen = None
 
     def _fused_norm_output(
         self, name: str, norm: nn.Module, hidden: torch.Tensor, cast_before_weight: bool
@@ -1473,7 +1479,6 @@ class SpikeFreeRuntime:
         handles = [*self._handles]
         for layer in self.layers:
             layer._unfuse_norms()
-            layer._norms_seen = None  # fused again at the next forward
             handles += [*layer._handles, *layer._norm_handles.values()]
         # every dict the handles live in (hooks, with_kwargs, always_called), as is
         dicts = {}
