@@ -14,9 +14,16 @@ import iq_transform
 from iq_transform import get_runtime
 from iq_transform.evaluation.host_syncs import count_host_syncs
 from iq_transform.evaluation.perplexity import perplexity
-from iq_transform.kernels import Int8ExecutionError, is_int8_executed, to_int8_cpu
+from iq_transform.kernels import (
+    Int8ExecutionError,
+    is_int8_executed,
+    rotations,
+    to_int8_cpu,
+)
 from iq_transform.kernels.int8_cpu import Int8StaticLinear
+from iq_transform.kernels.rotations import KroneckerRotation, input_rotation
 from iq_transform.models.offload import move_model
+from iq_transform.spikefree.exact_rows import leaves_inputs_alone
 from iq_transform.spikefree.templates import FIRST_TOKEN
 from tests.test_checkpoint import greedy, quantized
 
@@ -321,3 +328,61 @@ def test_siblings_behind_an_input_rotation_keep_their_own_gemms(calibration):
     q_proj.register_forward_pre_hook(lambda module, args: None)
     to_int8_cpu(model)
     assert isinstance(q_proj.int8_kernel, Int8StaticLinear)
+
+
+def _executed_quip(calibration, join_siblings: bool = True):
+    """W8A8 static + SpikeFree behind QuIP's online rotations (GPTQ), on the CPU,
+    executed with its rotations by their Kronecker factors: the toy's 64 and 128
+    features are below the width where they pay, so they are asked for here."""
+    model, tokenizer = quantized("w8a8_static", "quip_gptq", calibration)
+    move_model(model, "cpu")
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(rotations, "STRUCTURED_FROM", 0)
+        return to_int8_cpu(model, join_siblings=join_siblings), tokenizer
+
+
+@pytest.fixture(scope="module")
+def quip(calibration):
+    fake, tokenizer = quantized("w8a8_static", "quip_gptq", calibration)
+    return move_model(fake, "cpu"), _executed_quip(calibration)[0], tokenizer
+
+
+def test_online_rotations_run_in_the_kernels_once_per_input(quip):
+    _, executed, _ = quip
+    linears = [m for m in executed.modules() if hasattr(m, "int8_kernel")]
+    assert len(linears) == 6 * 7
+    runtime_hooks = get_runtime(executed).hook_ids()
+    for module in linears:
+        # the rotation left its hook (the transform module stays, to be saved);
+        # down_proj keeps the runtime's, which acts on the unrotated input
+        assert not [
+            key
+            for key, hook in module._forward_pre_hooks.items()
+            if key not in runtime_hooks and not leaves_inputs_alone(hook)
+        ]
+        assert input_rotation(module) is not None
+        kernel = getattr(module.int8_kernel, "group", None)
+        kernel = module.int8_kernel if kernel is None else kernel.kernel
+        assert isinstance(kernel.rotate, KroneckerRotation)
+    groups = {
+        id(m.int8_kernel.group) for m in linears if hasattr(m.int8_kernel, "group")
+    }
+    assert len(groups) == 6 * 2  # q/k/v and gate/up: one rotation, one GEMM
+
+
+def test_executed_rotations_follow_the_fake_quantized_model(
+    quip, planted_windows, calibration
+):
+    fake, executed, tokenizer = quip
+    with torch.no_grad():
+        got = executed(planted_windows).logits
+        expected = fake(planted_windows).logits
+    assert_follows(got, expected)
+    ppl = perplexity(executed, planted_windows, progress=False).ppl
+    reference = perplexity(fake, planted_windows, progress=False).ppl
+    assert ppl == pytest.approx(reference, rel=5e-3)
+    assert torch.equal(greedy(executed, tokenizer), greedy(fake, tokenizer))
+    apart, _ = _executed_quip(calibration, join_siblings=False)
+    with torch.no_grad():
+        alone = apart(planted_windows).logits
+    torch.testing.assert_close(got, alone, rtol=0, atol=0)

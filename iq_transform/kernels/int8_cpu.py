@@ -9,20 +9,29 @@ per-channel weight scales. The spike-free runtime stays exact: the rows it
 replaces by templates get outputs computed once here, at full precision, from the
 templates (``template_outputs``), so spike rows are never quantized.
 
-Online input rotations (QuIP) stay as they are: forward pre-hooks that rotate the
-float input before it is quantized.
+An online input rotation (QuIP) moves from its forward pre-hook into the kernel,
+which rotates the float input before quantizing it: by the rotation's Kronecker
+factors where it has them (:mod:`~iq_transform.kernels.rotations`), once for
+siblings that read the same input through the same rotation.
 """
 
 from __future__ import annotations
 
 import types
 import warnings
+from collections.abc import Callable
 
 import torch
 from compressed_tensors.quantization.lifecycle.forward import quantize
 from loguru import logger
 from torch import nn
 
+from iq_transform.kernels.rotations import (
+    input_changing_hooks,
+    input_rotation,
+    kernel_rotation,
+    rotation_matrix,
+)
 from iq_transform.models.arch import UnknownArchitectureError, get_arch_spec
 from iq_transform.models.offload import is_offloaded, move_model
 from iq_transform.spikefree.exact_rows import leaves_inputs_alone, through_pre_hooks
@@ -64,14 +73,16 @@ class Int8StaticLinear:
     """The int8 forward of one Linear: everything it needs, computed up front.
 
     The module's ``forward`` calls it (the module object, its hooks and its
-    submodules stay), so QuIP's rotation hooks and the runtime's exact-row hook
-    keep working.
+    submodules stay), so the runtime's exact-row hooks keep working.
 
     :param bias: the Linear's (out,) bias, or ``None``
     :param input_scale: its static per-tensor input scale
     :param codes: (out, in) int8 weight codes
     :param weight_scale: (out,) float32 per-channel weight scales
     :param output_dtype: the dtype of the forward's output
+    :param rotate: the online input rotation to apply before quantizing, or
+        ``None``; one that returns its result in another order of the input
+        features (its ``order``) gets the weight's columns in that order
     """
 
     def __init__(
@@ -81,9 +92,14 @@ class Int8StaticLinear:
         codes: torch.Tensor,
         weight_scale: torch.Tensor,
         output_dtype: torch.dtype,
+        rotate: Callable | None = None,
     ):
         self.input_scale = input_scale
-        self.out_features = codes.shape[0]
+        self.out_features, self.in_features = codes.shape
+        self.rotate = rotate
+        order = getattr(rotate, "order", None)
+        if order is not None:
+            codes = codes[:, order].contiguous()
         self.packed = torch.ops.onednn.qlinear_prepack(codes, None)
         self.weight_scale = weight_scale
         self.weight_zero_point = torch.zeros_like(weight_scale, dtype=torch.int32)
@@ -94,9 +110,12 @@ class Int8StaticLinear:
         return self.product(x).reshape(*x.shape[:-1], self.out_features)
 
     def product(self, x: torch.Tensor) -> torch.Tensor:
-        """(rows, out) output of ``x`` (..., in): quantized with the static scale,
-        one int8 GEMM, dequantized with the per-channel weight scales."""
-        flat = x.reshape(-1, x.shape[-1])
+        """(rows, out) output of ``x`` (..., in): rotated if it has a rotation,
+        quantized with the static scale, one int8 GEMM, dequantized with the
+        per-channel weight scales."""
+        if self.rotate is not None:
+            x = self.rotate(x)
+        flat = x.reshape(-1, self.in_features)
         if flat.dtype != torch.float32:
             flat = flat.float()
         quantized = torch.quantize_per_tensor(flat, self.input_scale, 0, torch.qint8)
@@ -143,6 +162,7 @@ class Int8SiblingLinears:
     :param input_scale: their common static input scale
     :param weights: each sibling's (int8 codes, per-channel scales)
     :param output_dtype: the dtype of the forwards' outputs
+    :param rotate: their common online input rotation, applied once, or ``None``
     """
 
     def __init__(
@@ -151,13 +171,16 @@ class Int8SiblingLinears:
         input_scale: float,
         weights: list[tuple[torch.Tensor, torch.Tensor]],
         output_dtype: torch.dtype,
+        rotate: Callable | None = None,
     ):
         codes = torch.cat([c for c, _ in weights])
         scales = torch.cat([s for _, s in weights])
         bias = None
         if any(m.bias is not None for m in siblings):
             bias = torch.cat([_bias_or_zeros(m) for m in siblings])
-        self.kernel = Int8StaticLinear(bias, input_scale, codes, scales, output_dtype)
+        self.kernel = Int8StaticLinear(
+            bias, input_scale, codes, scales, output_dtype, rotate
+        )
         self.columns: dict[nn.Linear, tuple[int, int]] = {}
         start = 0
         for sibling, (sibling_codes, _) in zip(siblings, weights, strict=True):
@@ -231,6 +254,20 @@ def _refusal(name: str, module: nn.Module) -> str | None:
     return None
 
 
+def _describe_rotations(rotations: dict[nn.Linear, tuple[int, Callable]]) -> str:
+    if not rotations:
+        return ""
+    kinds = {id(rotate): rotate for _, rotate in rotations.values()}.values()
+    shapes = [
+        "x".join(map(str, rotate.blocks)) if hasattr(rotate, "blocks") else "dense"
+        for rotate in kinds
+    ]
+    return (
+        f"; {len(rotations)} online input rotations in the kernels "
+        f"(Kronecker factors or dense: {', '.join(shapes)})"
+    )
+
+
 def _describe(args) -> str:
     if args is None:
         return "not quantized"
@@ -289,12 +326,45 @@ def _template_outputs(
     return outputs
 
 
+def _kernel_rotations(
+    model: nn.Module, modules: list[nn.Linear]
+) -> dict[nn.Linear, tuple[int, Callable]]:
+    """The online input rotations that move into the int8 kernels: for each linear
+    whose one input-changing pre-hook, besides the spike-free runtime's (which act
+    first, on the unrotated input), applies its rotation: (that hook's id, the
+    rotation as its kernel applies it). Linears with equal rotation matrices get
+    the same rotation object (all of one width, in QuIP)."""
+    runtime = get_runtime(model)
+    runtime_hooks = set() if runtime is None else runtime.hook_ids()
+    made: list[tuple[torch.Tensor, Callable]] = []
+    rotations = {}
+    for module in modules:
+        transform = input_rotation(module)
+        hooks = [
+            key
+            for key, hook in module._forward_pre_hooks.items()
+            if not leaves_inputs_alone(hook) and key not in runtime_hooks
+        ]
+        if transform is None or len(hooks) != 1:
+            continue
+        hook_id = hooks[0]
+        matrix = rotation_matrix(transform, module.in_features)
+        rotate = next((r for m, r in made if torch.equal(m, matrix)), None)
+        if rotate is None:
+            rotate = kernel_rotation(matrix, transform)
+            made.append((matrix, rotate))
+        rotations[module] = (hook_id, rotate)
+    return rotations
+
+
 def _sibling_groups(
-    model: nn.Module, forwards: dict[nn.Module, Int8StaticLinear]
+    model: nn.Module,
+    forwards: dict[nn.Module, Int8StaticLinear],
+    rotations: dict[nn.Linear, tuple[int, Callable]],
 ) -> list[list[nn.Linear]]:
     """The linears each decoder layer's norms feed (the architecture's
-    ``norm_linears``) that can share one GEMM: all converted, one input scale, and
-    no input hook (an online rotation makes each its own input)."""
+    ``norm_linears``) that can share one GEMM: all converted, one input scale, one
+    rotation (or none) in their kernels and no other input hook."""
     try:
         arch = get_arch_spec(model)
     except UnknownArchitectureError:
@@ -307,16 +377,12 @@ def _sibling_groups(
                 continue
             if len({forwards[s].input_scale for s in siblings}) != 1:
                 continue
-            if any(_reads_input_first(s) for s in siblings):
+            if len({id(forwards[s].rotate) for s in siblings}) != 1:
+                continue
+            if any(input_changing_hooks(s) > (s in rotations) for s in siblings):
                 continue
             groups.append(siblings)
     return groups
-
-
-def _reads_input_first(module: nn.Module) -> bool:
-    """Whether an input hook may change ``module``'s input (an online rotation):
-    not the onload hooks of :mod:`iq_transform.models.offload`."""
-    return not all(map(leaves_inputs_alone, module._forward_pre_hooks.values()))
 
 
 def _decompress(model: nn.Module) -> None:
@@ -398,24 +464,30 @@ def to_int8_cpu(
         move_model(model, "cpu")
     weights = {module: _weight_codes(module) for _, module in quantized}
     template_outputs = _template_outputs(model, weights)
+    rotations = _kernel_rotations(model, [module for _, module in quantized])
     forwards = {}
     for _, module in quantized:
         codes, weight_scale = weights[module]
         input_scale = float(module.input_scale.detach().float().reshape(-1)[0])
+        rotate = rotations[module][1] if module in rotations else None
         forwards[module] = Int8StaticLinear(
-            module.bias, input_scale, codes, weight_scale, dtype
+            module.bias, input_scale, codes, weight_scale, dtype, rotate
         )
-    groups = _sibling_groups(model, forwards) if join_siblings else []
+    groups = _sibling_groups(model, forwards, rotations) if join_siblings else []
     for siblings in groups:
         group = Int8SiblingLinears(
             siblings,
             forwards[siblings[0]].input_scale,
             [weights[sibling] for sibling in siblings],
             dtype,
+            forwards[siblings[0]].rotate,
         )
         for sibling in siblings:
             forwards[sibling] = _SiblingColumns(group, sibling)
     # the float weights stay: save_pretrained still writes the checkpoint
+    for module, (hook_id, _) in rotations.items():
+        del module._forward_pre_hooks[hook_id]
+        module._forward_pre_hooks_with_kwargs.pop(hook_id, None)
     for module, kernel in forwards.items():
         module.int8_kernel = kernel
         module.forward = types.MethodType(_int8_forward, module)
@@ -432,5 +504,6 @@ def to_int8_cpu(
         f"int8 CPU kernels: {len(forwards)} Linears converted ({dtype} elsewhere), "
         f"{len(template_outputs)} with exact template rows, "
         f"{sum(map(len, groups))} in {len(groups)} GEMMs shared by siblings"
+        + _describe_rotations(rotations)
     )
     return model

@@ -1469,6 +1469,17 @@ class SpikeFreeRuntime:
             layer.statistics = None
             layer.templates = templates.layers.get(layer.index)
 
+    def _registered_handles(self) -> list[torch.utils.hooks.RemovableHandle]:
+        handles = [*self._handles]
+        for layer in self.layers:
+            handles += [*layer._handles, *layer._norm_handles.values()]
+        return handles
+
+    def hook_ids(self) -> set[int]:
+        """The ids of the hooks this runtime has registered on the model's modules
+        (its input hooks act first on their module's input: it orders them so)."""
+        return {handle.id for handle in self._registered_handles()}
+
     @contextmanager
     def detached(self) -> Iterator[None]:
         """The model without this runtime for the duration: every hook it registered
@@ -1476,10 +1487,9 @@ class SpikeFreeRuntime:
         the model runs exactly as if the runtime were not installed (``enabled =
         False`` still pays the calls of hooks that return at once); all back in
         place, in their order, after. Templates and device copies are kept."""
-        handles = [*self._handles]
         for layer in self.layers:
             layer._unfuse_norms()
-            handles += [*layer._handles, *layer._norm_handles.values()]
+        handles = self._registered_handles()
         # every dict the handles live in (hooks, with_kwargs, always_called), as is
         dicts = {}
         for handle in handles:
