@@ -305,3 +305,31 @@ def test_execute_fp8_converts_a_spikefree_model_like_convert_to_fp8(calibration)
         out = model(ids).logits
     relative = ((out - logits).norm() / logits.norm()).item()
     assert relative < (0.1 if DEVICE == "cuda" else 1e-5)
+
+
+def test_online_rotations_are_refused_and_the_model_left_as_it_was(calibration):
+    from tests.test_checkpoint import quantized
+
+    model, _ = quantized("fp8_static", "quip_gptq", calibration)
+    layers = list(model.model.layers)
+    with pytest.raises(ValueError, match="cannot run online rotations"):
+        execute(model, "fp8")
+    assert list(model.model.layers) == layers
+    assert get_runtime(model) is not None
+
+
+def test_iq_quantize_refuses_fp8_execution_of_quip_before_oneshot(tmp_path):
+    from tests.test_cli import run_app
+    from tests.test_quantize_cli import TINY_RUN
+
+    run = run_app(
+        "iq-quantize",
+        *TINY_RUN,
+        "quant=fp8_static",
+        "stages=quip_gptq",
+        "execute=fp8",
+        cwd=tmp_path,
+    )
+    assert run.returncode == 1
+    assert "execute=fp8 cannot run QuIP's online rotations" in run.stderr
+    assert "oneshot took" not in run.stdout + run.stderr

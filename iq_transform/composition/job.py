@@ -135,7 +135,8 @@ def run_quantize(config: QuantizeConfig, output_dir: Path) -> dict:
     composed = config.recipe is None
     recipe_path = None if composed else resolve_recipe(config.recipe)
     if config.execute is not None:
-        check_executor(config.execute)  # before the minutes of oneshot
+        # before the minutes of oneshot
+        check_executor(config.execute, composed and config.stages.rotation is not None)
     if config.eval.tasks:  # a task that cannot be found stops before any work
         check_tasks(config.eval.tasks, config.eval.offline, config.eval.include_path)
     model, tokenizer = config.model.load()

@@ -37,12 +37,24 @@ __all__ = [
 EXECUTORS = {"int8_cpu": to_int8_cpu, "fp8": to_fp8}
 
 
-def check_executor(name: str) -> None:
-    """Refuse an unknown execution path, naming the known ones."""
+# execution paths whose kernels quantize a norm's output directly, with no room for
+# an online rotation between them
+NO_ONLINE_ROTATIONS = ("fp8",)
+
+
+def check_executor(name: str, online_rotations: bool = False) -> None:
+    """Refuse an unknown execution path, naming the known ones, or one that cannot
+    run the online rotations (QuIP's) the model will have."""
     if name not in EXECUTORS:
         raise ValueError(
             f"execute={name!r} is not an execution path; choose one of "
             f"{sorted(EXECUTORS)} (or leave execute unset for fake quantization)."
+        )
+    if online_rotations and name in NO_ONLINE_ROTATIONS:
+        raise ValueError(
+            f"execute={name} cannot run QuIP's online rotations: choose stages "
+            "without QuIP (e.g. stages=gptq), or execute=int8_cpu with a W8A8 "
+            "static recipe, which rotates inside its kernels."
         )
 
 

@@ -45,6 +45,7 @@ from iq_transform.kernels.fused_norm import (
     replace_rows,
     silu_mul_quant,
 )
+from iq_transform.kernels.rotations import online_rotations
 from iq_transform.models.arch import ArchSpec, get_arch_spec
 from iq_transform.spikefree.detect import spike_token_mask
 from iq_transform.spikefree.templates import FIRST_TOKEN, MID_SEQUENCE, LayerTemplates
@@ -216,6 +217,15 @@ class Fp8DecoderLayer(nn.Module):
         ]:
             raise ValueError(
                 f"the FP8 execution path runs Llama-style layers, not {arch.name}"
+            )
+        if rotations := online_rotations(layer):
+            raise ValueError(
+                f"the FP8 execution path cannot run online rotations ({rotations[0]}"
+                f"{' ...' if len(rotations) > 1 else ''}, QuIP's): its norm kernel "
+                "quantizes the norm's output as it is. Quantize without QuIP (e.g. "
+                "stages=gptq), or run the model in int8 on the CPU "
+                "(execute=int8_cpu with a W8A8 static recipe), which rotates inside "
+                "its kernels"
             )
         attn, mlp = layer.self_attn, layer.mlp
         self.mode, self.detect, self.ratio = mode, detect, ratio

@@ -23,6 +23,7 @@ __all__ = [
     "input_changing_hooks",
     "input_rotation",
     "kernel_rotation",
+    "online_rotations",
     "rotation_matrix",
 ]
 
@@ -123,6 +124,19 @@ def input_rotation(module: nn.Module) -> nn.Module | None:
         if isinstance(child, TransformBase) and child.args.location == "input"
     ]
     return rotations[0] if len(rotations) == 1 else None
+
+
+def online_rotations(module: nn.Module) -> list[str]:
+    """The names of the compressed-tensors transforms in ``module`` that rotate
+    activations at every forward (QuIP's online rotations), not those fused into
+    weights."""
+    from compressed_tensors.transform.factory.base import TransformBase
+
+    return [
+        name
+        for name, child in module.named_modules()
+        if isinstance(child, TransformBase) and child.args.is_online()
+    ]
 
 
 def input_changing_hooks(module: nn.Module) -> int:
