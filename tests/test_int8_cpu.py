@@ -330,15 +330,23 @@ def test_siblings_behind_an_input_rotation_keep_their_own_gemms(calibration):
     assert isinstance(q_proj.int8_kernel, Int8StaticLinear)
 
 
-def _executed_quip(calibration, join_siblings: bool = True):
+def _executed_quip(calibration, join_siblings: bool = True, structured: bool = True):
     """W8A8 static + SpikeFree behind QuIP's online rotations (GPTQ), on the CPU,
-    executed with its rotations by their Kronecker factors: the toy's 64 and 128
-    features are below the width where they pay, so they are asked for here."""
+    executed with its rotations by their Kronecker factors (the toy's 64 and 128
+    features are below the width where they pay, so they are asked for here) or,
+    not ``structured``, by the transforms' own dense products."""
     model, tokenizer = quantized("w8a8_static", "quip_gptq", calibration)
     move_model(model, "cpu")
     with pytest.MonkeyPatch.context() as patch:
-        patch.setattr(rotations, "STRUCTURED_FROM", 0)
+        if structured:
+            patch.setattr(rotations, "STRUCTURED_FROM", 0)
         return to_int8_cpu(model, join_siblings=join_siblings), tokenizer
+
+
+def _rotation_of(module):
+    """The rotation an executed linear's kernel applies (its group's, if joined)."""
+    group = getattr(module.int8_kernel, "group", None)
+    return (module.int8_kernel if group is None else group.kernel).rotate
 
 
 @pytest.fixture(scope="module")
@@ -361,9 +369,7 @@ def test_online_rotations_run_in_the_kernels_once_per_input(quip):
             if key not in runtime_hooks and not leaves_inputs_alone(hook)
         ]
         assert input_rotation(module) is not None
-        kernel = getattr(module.int8_kernel, "group", None)
-        kernel = module.int8_kernel if kernel is None else kernel.kernel
-        assert isinstance(kernel.rotate, KroneckerRotation)
+        assert isinstance(_rotation_of(module), KroneckerRotation)
     groups = {
         id(m.int8_kernel.group) for m in linears if hasattr(m.int8_kernel, "group")
     }
@@ -386,3 +392,12 @@ def test_executed_rotations_follow_the_fake_quantized_model(
     with torch.no_grad():
         alone = apart(planted_windows).logits
     torch.testing.assert_close(got, alone, rtol=0, atol=0)
+    # the narrow toy's own width: each rotation its transform's dense product,
+    # moved into the kernel all the same
+    dense, _ = _executed_quip(calibration, structured=False)
+    for module in dense.modules():
+        if hasattr(module, "int8_kernel"):
+            # a transform (one of the equal ones, shared), not its factors
+            assert type(_rotation_of(module)) is type(input_rotation(module))
+    with torch.no_grad():
+        assert_follows(dense(planted_windows).logits, expected)
