@@ -4,8 +4,10 @@ It sits above the method and the checkpoint export (it converts what they
 produce) and below evaluation and composition (which run what it converts).
 
 - :mod:`~iq_transform.kernels.int8_cpu`: static W8A8 INT8 in oneDNN's int8 GEMM
-  (:func:`to_int8_cpu`); :mod:`~iq_transform.kernels.cpu_memory`: large
-  activations on reused heap pages (:func:`keep_freed_memory`)
+  (:func:`to_int8_cpu`), QuIP's online rotations inside them by their Kronecker
+  factors (:mod:`~iq_transform.kernels.rotations`);
+  :mod:`~iq_transform.kernels.cpu_memory`: large activations on reused heap pages
+  (:func:`keep_freed_memory`)
 - :mod:`~iq_transform.kernels.fp8`: static FP8 e4m3 in ``torch._scaled_mm`` fed by
   fused Triton norm / GLU / quantization kernels (:func:`to_fp8`)
 """
