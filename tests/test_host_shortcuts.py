@@ -78,8 +78,12 @@ def test_a_replaced_norm_is_hooked_at_the_next_forward(planted, planted_windows)
         expected = model(input_ids=ids).logits
         layer = get_runtime(model).layers[2]
         old = layer.layer.post_attention_layernorm
-        layer.layer.post_attention_layernorm = replacement = copy.deepcopy(old)
-        replacement._forward_hooks.clear()
+        # a new module with the same weights, as oneshot swaps norms in (a deepcopy
+        # would also copy the forward the runtime gave the old one where it fuses
+        # norms, which keeps a norm from being fused)
+        replacement = type(old)(old.weight.shape[0], eps=old.variance_epsilon)
+        replacement.load_state_dict(old.state_dict())
+        layer.layer.post_attention_layernorm = replacement.to(old.weight.device)
         got = model(input_ids=ids).logits
     assert replacement._forward_hooks  # hooked when the layer ran
     torch.testing.assert_close(got, expected, rtol=0, atol=0)
