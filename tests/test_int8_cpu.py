@@ -21,9 +21,12 @@ from iq_transform.kernels import (
     to_int8_cpu,
 )
 from iq_transform.kernels.int8_cpu import Int8StaticLinear
-from iq_transform.kernels.rotations import KroneckerRotation, input_rotation
+from iq_transform.kernels.rotations import (
+    KroneckerRotation,
+    input_changing_hooks,
+    input_rotation,
+)
 from iq_transform.models.offload import move_model
-from iq_transform.spikefree.exact_rows import leaves_inputs_alone
 from iq_transform.spikefree.templates import FIRST_TOKEN
 from tests.test_checkpoint import greedy, quantized
 
@@ -363,11 +366,7 @@ def test_online_rotations_run_in_the_kernels_once_per_input(quip):
     for module in linears:
         # the rotation left its hook (the transform module stays, to be saved);
         # down_proj keeps the runtime's, which acts on the unrotated input
-        assert not [
-            key
-            for key, hook in module._forward_pre_hooks.items()
-            if key not in runtime_hooks and not leaves_inputs_alone(hook)
-        ]
+        assert not input_changing_hooks(module, besides=runtime_hooks)
         assert input_rotation(module) is not None
         assert isinstance(_rotation_of(module), KroneckerRotation)
     groups = {

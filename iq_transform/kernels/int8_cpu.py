@@ -34,7 +34,7 @@ from iq_transform.kernels.rotations import (
 )
 from iq_transform.models.arch import UnknownArchitectureError, get_arch_spec
 from iq_transform.models.offload import is_offloaded, move_model
-from iq_transform.spikefree.exact_rows import leaves_inputs_alone, through_pre_hooks
+from iq_transform.spikefree.exact_rows import through_pre_hooks
 from iq_transform.spikefree.runtime import get_runtime, write_count
 
 __all__ = [
@@ -340,11 +340,7 @@ def _kernel_rotations(
     rotations = {}
     for module in modules:
         transform = input_rotation(module)
-        hooks = [
-            key
-            for key, hook in module._forward_pre_hooks.items()
-            if not leaves_inputs_alone(hook) and key not in runtime_hooks
-        ]
+        hooks = input_changing_hooks(module, besides=runtime_hooks)
         if transform is None or len(hooks) != 1:
             continue
         hook_id = hooks[0]
@@ -379,7 +375,7 @@ def _sibling_groups(
                 continue
             if len({id(forwards[s].rotate) for s in siblings}) != 1:
                 continue
-            if any(input_changing_hooks(s) > (s in rotations) for s in siblings):
+            if any(len(input_changing_hooks(s)) > (s in rotations) for s in siblings):
                 continue
             groups.append(siblings)
     return groups

@@ -139,12 +139,15 @@ def online_rotations(module: nn.Module) -> list[str]:
     ]
 
 
-def input_changing_hooks(module: nn.Module) -> int:
-    """How many of ``module``'s forward pre-hooks may change its input: not the
-    onload hooks of :mod:`iq_transform.models.offload`."""
-    return sum(
-        not leaves_inputs_alone(hook) for hook in module._forward_pre_hooks.values()
-    )
+def input_changing_hooks(module: nn.Module, besides: set[int] = frozenset()) -> list:
+    """The ids of ``module``'s forward pre-hooks that may change its input, not
+    counting the onload hooks of :mod:`iq_transform.models.offload` nor those in
+    ``besides``."""
+    return [
+        key
+        for key, hook in module._forward_pre_hooks.items()
+        if not leaves_inputs_alone(hook) and key not in besides
+    ]
 
 
 def kernel_rotation(
