@@ -126,3 +126,102 @@ def test_the_host_time_proxy_takes_the_cuda_path():
     found = re.search(r"(\d+) kernel launches a step", run.stdout)
     assert found, run.stdout[-2000:] + run.stderr[-2000:]
     assert int(found.group(1)) == 3 * 4
+
+
+def _runtime_hooks(module: torch.nn.Module, runtime) -> int:
+    ids = runtime.hook_ids()
+    return len(ids & {*module._forward_pre_hooks, *module._forward_hooks})
+
+
+def test_a_layer_keeps_only_the_hooks_its_templates_can_act_through(
+    planted, planted_windows
+):
+    """A hook that returns at once still makes its module's call the slow one:
+    a layer without templates has none, a layer's ``down_proj`` is hooked only
+    with an output template, a template-fed linear only while it quantizes its
+    input (checked at a forward with carriers), and the model gives the same
+    logits throughout."""
+    from iq_transform import SpikeFreeModifier
+    from iq_transform.composition.pipeline import apply_recipe
+
+    model, tokenizer, _ = copy.deepcopy(planted)
+    apply_recipe(model, tokenizer, [SpikeFreeModifier()], planted_windows)
+    runtime = get_runtime(model)
+    ids = planted_windows[:1, :48]
+    layer = next(
+        lr for lr in runtime.layers if lr.templates and lr.templates.norm_templates
+    )
+    block, attention = layer.layer, layer.layer.self_attn
+    with torch.no_grad():
+        expected = model(input_ids=ids).logits
+    assert _runtime_hooks(block, runtime) == 2
+    assert _runtime_hooks(block.mlp.down_proj, runtime) == 2 * (
+        layer.templates.down_template is not None
+    )
+    # SpikeFree alone quantizes nothing: no linear hook after a forward
+    assert _runtime_hooks(attention.q_proj, runtime) == 0
+
+    # a linear that quantizes its input from now on is hooked at the next forward
+    kinds = len(layer.templates.norm_templates["input_layernorm"])
+    outputs = torch.zeros(kinds, attention.q_proj.out_features)
+    attention.q_proj.template_outputs = outputs  # (its rows' values: not checked)
+    try:
+        with torch.no_grad():
+            model(input_ids=ids)
+        assert _runtime_hooks(attention.q_proj, runtime) == 1
+        assert _runtime_hooks(attention.k_proj, runtime) == 0
+    finally:
+        del attention.q_proj.template_outputs
+    with torch.no_grad():
+        model(input_ids=ids)
+    assert _runtime_hooks(attention.q_proj, runtime) == 0
+
+    templates = layer.templates
+    layer.templates = None
+    assert _runtime_hooks(block, runtime) == 0
+    assert _runtime_hooks(block.mlp.down_proj, runtime) == 0
+    assert all(not _runtime_hooks(m, runtime) for m in block.modules())
+    runtime.follow_carriers = True  # a layer without templates ends a chain
+    assert _runtime_hooks(block, runtime) == 2
+    runtime.follow_carriers = False
+    assert _runtime_hooks(block, runtime) == 0
+    layer.templates = templates
+    with torch.no_grad():
+        got = model(input_ids=ids).logits
+    torch.testing.assert_close(got, expected, rtol=0, atol=0)
+    runtime.remove()
+    left = [
+        hook
+        for module in model.modules()
+        for hook in [
+            *module._forward_hooks.values(),
+            *module._forward_pre_hooks.values(),
+        ]
+        if hook.__module__ == runtime_module.__name__
+    ]
+    assert not left
+
+
+def test_template_fed_linears_of_a_quantized_model_are_hooked_where_rows_differ(
+    w8a8_rtn_on_device, calibration
+):
+    """W8A8: q/k/v quantize their carriers' template rows, so they are hooked
+    after a forward with carriers; gate/up are not where ``down_proj`` has an
+    output template (its carrier rows become that template anyway)."""
+    model, _ = w8a8_rtn_on_device
+    runtime = get_runtime(model)
+    with torch.no_grad():
+        model(input_ids=calibration[:1, :48].to(DEVICE))
+    hooked = 0
+    for layer in runtime.layers:
+        if layer.templates is None or not layer.templates.norm_templates:
+            continue
+        mlp, attention = layer.layer.mlp, layer.layer.self_attn
+        if layer.templates.down_template is not None:
+            assert not _runtime_hooks(mlp.gate_proj, runtime)
+            assert not _runtime_hooks(mlp.up_proj, runtime)
+        hooked += _runtime_hooks(attention.q_proj, runtime)
+        assert _runtime_hooks(attention.k_proj, runtime) == _runtime_hooks(
+            attention.q_proj, runtime
+        )
+    assert hooked > 0

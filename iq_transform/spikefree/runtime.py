@@ -277,6 +277,14 @@ _CAST_BEFORE_WEIGHT_NORMS = frozenset(
 _FLOAT32_WEIGHT_NORMS = frozenset({"GemmaRMSNorm", "Gemma2RMSNorm", "Gemma3RMSNorm"})
 
 
+def _exceeds_on_host(hidden: torch.Tensor, threshold: torch.Tensor) -> bool:
+    """Whether any |x| of a host tensor exceeds ``threshold``: one reduction for
+    both extremes, read by the host (an ``abs`` and an ``amax`` cost two ops and
+    a copy)."""
+    low, high = hidden.detach().aminmax()
+    return max(high.item(), -low.item()) > threshold.item()
+
+
 def _own_forward(norm: nn.Module):
     """The forward function ``norm`` runs, under compressed-tensors' offload
     wrapper (which ``oneshot`` leaves on every module) where there is one."""
@@ -294,26 +302,20 @@ def _submodule(module: nn.Module, path: list[str]) -> nn.Module:
     return module
 
 
-def _norms_state(fuses: bool, norms: list[nn.Module]) -> list:
+def _norms_state(fuses: bool, norms: list[nn.Module]) -> tuple:
     """What decides how a layer's norms are hooked: whether norms are fused where
     the layer runs, each norm and the forward it runs (its own, or the one inside
-    an offload wrapper)."""
-    state = [fuses]
-    for norm in norms:
-        attributes = vars(norm)
-        state += (
+    an offload wrapper). Compared with ``==``, which for modules and functions is
+    identity (a fresh bound method of the same function and module is the same
+    forward)."""
+    return (fuses,) + tuple(
+        item
+        for norm in norms
+        for item in (
             norm,
-            attributes.get("forward"),
-            attributes.get("_original_forward_func"),
+            vars(norm).get("forward"),
+            vars(norm).get("_original_forward_func"),
         )
-    return state
-
-
-def _same_objects(left: list | None, right: list) -> bool:
-    return (
-        left is not None
-        and len(left) == len(right)
-        and all(a is b for a, b in zip(left, right, strict=True))
     )
 
 
@@ -503,7 +505,7 @@ def _rows_stay_apart(module: nn.Module, own_hooks: tuple[int, int]) -> bool:
         }
         if readers != set(own_hooks):
             return False
-    elif not all(hook_id in before or hook_id in after for hook_id in own_hooks):
+    elif own_hooks[0] not in before or own_hooks[1] not in after:
         return False
     if module._forward_pre_hooks_with_kwargs or module._forward_hooks_with_kwargs:
         return False
@@ -527,6 +529,7 @@ class LayerRuntime:
         self._layer_index = _cache_layer_index(layer)
         self._templates: LayerTemplates | None = None
         self._resident: LayerTemplates | None = None
+        self._resident_device: torch.device | None = None
         # per norm: (key, template rows scaled by the norm's weight, in its dtype)
         self._norm_values: dict[str, tuple[tuple, torch.Tensor]] = {}
         # (key, the down_proj output template in the output's dtype and device)
@@ -542,15 +545,20 @@ class LayerRuntime:
         # norms whose forward runs the fused kernel while templates apply: (norm,
         # the forward function given to it)
         self._fused_norms: dict[int, tuple[nn.Module, object]] = {}
-        self._handles = [
-            layer.register_forward_pre_hook(self._before_layer, with_kwargs=True),
-            layer.register_forward_hook(self._after_layer),
-        ]
-        if runtime.exact_template_rows:
-            self._hook_template_fed_linears()
+        # hooks registered only while the layer's state can act through them
+        self._removed = False
+        self._handles: list[torch.utils.hooks.RemovableHandle] = []
+        self._linear_handles: list[torch.utils.hooks.RemovableHandle] = []
+        # (path, norm name) of each linear whose output rows the templates can
+        # make exact, and what _hook_linears last saw of them
+        self._exact_row_sites: list[tuple[list[str], str]] = []
+        self._linears_seen: tuple | None = None
+        self._down_handles: list[torch.utils.hooks.RemovableHandle] = []
+        self._down_proj = layer.get_submodule(self.arch.down_proj)
+        self._down_hook_ids: tuple[int, int] | None = None
         self._down_rows: torch.Tensor | None = None
         self._down_collected: tuple[torch.Tensor, ...] | None = None
-        self._hook_down_proj()
+        self._sync_hooks()
 
     # -- state -----------------------------------------------------------------
     @property
@@ -561,18 +569,21 @@ class LayerRuntime:
     @templates.setter
     def templates(self, templates: LayerTemplates | None) -> None:
         self._templates, self._resident = templates, None
+        self._resident_device = None
         self._norm_values, self._frozen_outputs = {}, {}
         self._down_values_cast = None
+        self._sync_hooks()
 
     def resident_templates(self, device: torch.device) -> LayerTemplates:
         """The templates on ``device``, copied there once (not at every insertion)."""
         resident = self._resident
         if resident is not None and (
-            resident.device == device
-            or _indexed_device(resident.device) == _indexed_device(device)
+            device == self._resident_device
+            or _indexed_device(self._resident_device) == _indexed_device(device)
         ):
             return resident
         self._resident = self._templates.to(device)
+        self._resident_device = self._resident.device
         return self._resident
 
     @property
@@ -591,13 +602,83 @@ class LayerRuntime:
         self.templates = None
 
     def finish_collecting(self, carries: bool, down_site: bool) -> None:
-        self.templates = self.statistics.finalize(carries, down_site)
+        templates = self.statistics.finalize(carries, down_site)
         self.statistics = None
+        self.templates = templates
+
+    def stop_collecting(self) -> None:
+        """Drop the statistics without templates (a model loaded from a checkpoint
+        gets its templates next)."""
+        self.statistics = None
+        self._sync_hooks()
+
+    def handles(self) -> list[torch.utils.hooks.RemovableHandle]:
+        """Every hook this layer has registered now."""
+        return [
+            *self._handles,
+            *self._linear_handles,
+            *self._down_handles,
+            *self._norm_handles.values(),
+        ]
 
     def remove(self) -> None:
-        for handle in [*self._handles, *self._norm_handles.values()]:
+        for handle in self.handles():
+            handle.remove()
+        self._handles, self._linear_handles, self._down_handles = [], [], []
+        self._down_hook_ids, self._removed = None, True
+        self._remove_norm_hooks()
+
+    def _sync_hooks(self) -> None:
+        """Register the hooks that the layer's state can act through, and remove
+        the others: a hook that returns at once still makes its module's call the
+        slow one, about 4 us on this CPU, which over the 270 hooked modules of a
+        SmolLM2 decode step was 2 % of the step. The norms are hooked at the next
+        forward (:meth:`_hook_norms`)."""
+        if self._removed:
+            return
+        templates = self._templates
+        collecting = self.collecting
+        norm_rows = templates is not None and bool(templates.norm_templates)
+        down_rows = templates is not None and templates.down_template is not None
+        # a layer without templates still ends a chain of followed carriers
+        wants_layer = (
+            collecting or norm_rows or down_rows or self.runtime.follow_carriers
+        )
+        if wants_layer and not self._handles:
+            self._handles = [
+                self.layer.register_forward_pre_hook(
+                    self._before_layer, with_kwargs=True
+                ),
+                self.layer.register_forward_hook(self._after_layer),
+            ]
+        elif not wants_layer:
+            for handle in self._handles:
+                handle.remove()
+            self._handles, self.current = [], None
+        self._remove_linear_hooks()
+        self._exact_row_sites = []
+        if self.runtime.exact_template_rows and norm_rows and not collecting:
+            self._exact_row_sites = self._template_fed_linears(templates)
+        wants_down = collecting or down_rows
+        if wants_down and not self._down_handles:
+            self._hook_down_proj()
+        elif not wants_down:
+            for handle in self._down_handles:
+                handle.remove()
+            self._down_handles, self._down_hook_ids = [], None
+        if not (collecting or norm_rows):
+            self._remove_norm_hooks()
+
+    def _remove_linear_hooks(self) -> None:
+        for handle in self._linear_handles:
+            handle.remove()
+        self._linear_handles, self._linears_seen = [], None
+
+    def _remove_norm_hooks(self) -> None:
+        for handle in self._norm_handles.values():
             handle.remove()
         self._norm_handles.clear()
+        self._norms_seen = None
         self._unfuse_norms()
 
     # -- hooks -----------------------------------------------------------------
@@ -632,7 +713,9 @@ class LayerRuntime:
             has_carriers = bool(templates.norm_templates)
             if has_carriers:
                 threshold = templates.residual_threshold
-                if not _indexed(hidden) and row_detector(hidden) is not None:
+                if self.runtime.clear_on_host(hidden, threshold):
+                    carriers, has_carriers = self.runtime.no_rows(hidden), False
+                elif not _indexed(hidden) and row_detector(hidden) is not None:
                     pending = (
                         hidden,
                         self._carrier_detection(hidden, shared, threshold),
@@ -661,8 +744,15 @@ class LayerRuntime:
         if self.collecting:
             self.runtime.note_spikes(state.carriers)
         set_excluded_rows(state.carriers)
-        self._hook_norms(hidden)
-        self._order_down_proj_hooks()
+        # the norms and linears act on carriers only: a layer that knows it has
+        # none (a decode step on the host, mostly) leaves them as they are
+        if self.collecting or state.has_carriers:
+            if self.collecting or self._templates.norm_templates:
+                self._hook_norms(hidden)
+            if self._exact_row_sites:
+                self._hook_linears()
+        if self._down_hook_ids is not None:
+            self._order_down_proj_hooks()
 
     def _carrier_detection(self, hidden, shared: _Tokens, threshold: torch.Tensor):
         """The detection of a short sequence's carriers, for later: one pass over
@@ -685,7 +775,7 @@ class LayerRuntime:
         its forward or where the layer runs has changed since the last forward."""
         norms = [_submodule(self.layer, path) for path in self._norm_paths]
         fuses = self.runtime.fuses_norms_on(hidden)
-        if _same_objects(self._norms_seen, _norms_state(fuses, norms)):
+        if self._norms_seen == _norms_state(fuses, norms):
             return
         for name, norm in zip(self.arch.norm_names(), norms, strict=True):
             if id(norm) not in self._norm_handles:
@@ -844,28 +934,57 @@ class LayerRuntime:
         self._norm_values[name] = (key, values)
         return values
 
-    def _hook_template_fed_linears(self) -> None:
-        # prepend: ahead of output hooks such as QuIP's online output rotation,
-        # which then treats the exact rows like every other row
+    def _template_fed_linears(
+        self, templates: LayerTemplates
+    ) -> list[tuple[list[str], str]]:
+        """(path, norm name) of the linears fed by a templated norm whose output
+        rows need the exact template output: not those feeding a ``down_proj``
+        with an output template (its carrier rows become that template anyway)."""
+        sites = []
         for norm_name, linear_names in self.arch.norm_linears.items():
+            if norm_name not in templates.norm_templates:
+                continue
             for linear_name in linear_names:
                 linear = self.layer.get_submodule(linear_name)
                 feeds_down_proj = any(linear is m for m in self.mlp.modules())
-                hook = self._exact_template_rows(norm_name, feeds_down_proj)
-                self._handles.append(linear.register_forward_hook(hook, prepend=True))
+                if feeds_down_proj and templates.down_template is not None:
+                    continue
+                sites.append((linear_name.split("."), norm_name))
+        return sites
 
-    def _exact_template_rows(self, norm_name: str, feeds_down_proj: bool):
+    def _hook_linears(self) -> None:
+        """Hook the template-fed linears that quantize their input *now*
+        (compressed-tensors attaches schemes after the runtime, ``to_int8_cpu``
+        adds template outputs, calibration turns quantization off and on): a
+        linear that does not gets its template rows exact already. Checked at
+        every forward, as the norms are, and hooked again only on a change."""
+        seen = tuple(
+            (linear, _quantizes_input(linear))
+            for linear in (
+                _submodule(self.layer, path) for path, _ in self._exact_row_sites
+            )
+        )
+        if seen == self._linears_seen:
+            return
+        self._remove_linear_hooks()
+        for (linear, quantizes), (_, norm_name) in zip(
+            seen, self._exact_row_sites, strict=True
+        ):
+            if quantizes:
+                # prepend: ahead of output hooks such as QuIP's online output
+                # rotation, which then treats the exact rows like every other row
+                hook = self._exact_template_rows(norm_name)
+                handle = linear.register_forward_hook(hook, prepend=True)
+                self._linear_handles.append(handle)
+        self._linears_seen = seen
+
+    def _exact_template_rows(self, norm_name: str):
         def after_linear(module, args, output):
             state = self.current
             if self.collecting or state is None or not state.has_carriers:
                 return None
             if not _quantizes_input(module):
                 return None  # the template row went through unquantized already
-            templates = self.resident_templates(output.device)
-            if norm_name not in templates.norm_templates:
-                return None
-            if feeds_down_proj and templates.down_template is not None:
-                return None  # down_proj's carrier rows become its template anyway
             outputs = _plain_attribute(module, "template_outputs")
             if outputs is not None:
                 pass  # computed once from the templates (int8 CPU execution)
@@ -906,11 +1025,11 @@ class LayerRuntime:
         """Hooks on the MLP's output projection itself, so any MLP layout works:
         the input hook zeroes the spike rows before it (no quantized linear sees a
         spike), the output hook writes the output template into them."""
-        down_proj = self.layer.get_submodule(self.arch.down_proj)
+        down_proj = self._down_proj
         before = down_proj.register_forward_pre_hook(self._before_down_proj)
         after = down_proj.register_forward_hook(self._after_down_proj)
-        self._handles += [before, after]
-        self._down_proj, self._down_hook_ids = down_proj, (before.id, after.id)
+        self._down_handles = [before, after]
+        self._down_hook_ids = (before.id, after.id)
 
     def _order_down_proj_hooks(self) -> None:
         """Ours first among the input hooks and last among the output hooks, so they
@@ -918,8 +1037,12 @@ class LayerRuntime:
         rotation, registered later (and prepended), acts inside. Re-done per
         forward, since stages add hooks after this runtime."""
         before, after = self._down_hook_ids
-        self._down_proj._forward_pre_hooks.move_to_end(before, last=False)
-        self._down_proj._forward_hooks.move_to_end(after)
+        pre_hooks = self._down_proj._forward_pre_hooks
+        hooks = self._down_proj._forward_hooks
+        if next(iter(pre_hooks), None) != before:
+            pre_hooks.move_to_end(before, last=False)
+        if next(reversed(hooks), None) != after:
+            hooks.move_to_end(after)
 
     def _before_down_proj(self, module, args):
         self._down_rows, self._down_collected = None, None
@@ -965,22 +1088,26 @@ class LayerRuntime:
         rows, self._down_rows = self._down_rows, None
         if rows is None:
             return None
-        values = self._down_values(output)
         if rows is _DETECT_AFTER:
             hidden = args[0]
-            write = (output, state.kinds, values)
+            threshold = self.resident_templates(hidden.device).down_threshold
+            if not state.has_carriers and self.runtime.clear_on_host(hidden, threshold):
+                self.runtime.no_rows(hidden)  # this forward's handled rows: none
+                return None
             short = row_detector(hidden) is not None and output.is_contiguous()
+            write = (output, state.kinds, self._down_values(output)) if short else None
             rows = self.runtime.spike_rows(
                 hidden,
                 state.mask,
-                self.resident_templates(hidden.device).down_threshold,
+                threshold,
                 also=state.rows() if state.has_carriers else None,
-                write=write if short else None,
+                write=write,
             )
             if short:
                 return output
         if self.runtime.found_none(rows):
             return None  # on the host the check is free, the insertion's calls not
+        values = self._down_values(output)
         return insert_templates(output, rows, state.kinds, values, kind=state.kind)
 
     def _down_values(self, output: torch.Tensor) -> torch.Tensor:
@@ -1129,7 +1256,7 @@ class SpikeFreeRuntime:
             )
         self.model, self.arch, self.ratio = model, arch, ratio
         self.exact_template_rows = exact_template_rows
-        self.follow_carriers = follow_carriers
+        self._follow_carriers = follow_carriers
         self.fuse_norms = fuse_norms
         # False: every hook returns at once, templates and their device copies kept
         # (the model's own forward, e.g. to time or compare against)
@@ -1157,6 +1284,16 @@ class SpikeFreeRuntime:
         setattr(model, _RUNTIME_ATTRIBUTE, self)
         for callback in _INSTALL_CALLBACKS:
             callback(self)
+
+    @property
+    def follow_carriers(self) -> bool:
+        return self._follow_carriers
+
+    @follow_carriers.setter
+    def follow_carriers(self, follow: bool) -> None:
+        self._follow_carriers = follow
+        for layer in self.layers:
+            layer._sync_hooks()  # the layers without templates end a chain
 
     def fuses_norms_on(self, hidden: torch.Tensor) -> bool:
         """Whether the norms fed ``hidden`` compute their template rows fused."""
@@ -1269,15 +1406,7 @@ class SpikeFreeRuntime:
             return detect(hidden, threshold, mask, also, record, zero, write)
         if write is not None:
             raise ValueError("write= needs the short-sequence detection kernel")
-        if (
-            also is None
-            and _indexed(hidden)
-            and hidden.shape[-2] < MIN_TOKENS_FOR_MEDIAN
-            and not bool(hidden.detach().abs().amax() > threshold)
-        ):
-            # a short sequence on the host (a decode step) without one activation
-            # over the threshold has no spike row, found by one reduction that the
-            # host reads for free, where the per-row decision takes six ops
+        if also is None and self.clear_on_host(hidden, threshold):
             return self.no_rows(hidden)
         token_max = detect_token_max(hidden, float32=False)
         previous = self._previous_for(token_max) if follow else None
@@ -1309,6 +1438,17 @@ class SpikeFreeRuntime:
         if zero:
             zero_rows(hidden, rows, kinds)
         return rows
+
+    @staticmethod
+    def clear_on_host(hidden: torch.Tensor, threshold: torch.Tensor) -> bool:
+        """Whether ``hidden`` is a short sequence on the host (a decode step) with
+        no activation over ``threshold``, so no spike row: one reduction that the
+        host reads for free, where the per-row decision takes six ops."""
+        return (
+            hidden.shape[-2] < MIN_TOKENS_FOR_MEDIAN
+            and _indexed(hidden)
+            and not _exceeds_on_host(hidden, threshold)
+        )
 
     def no_rows(self, hidden: torch.Tensor) -> torch.Tensor:
         """All-False rows for ``hidden``, one tensor per shape that nobody writes
@@ -1466,13 +1606,13 @@ class SpikeFreeRuntime:
     def load_templates(self, templates: SpikeTemplates) -> None:
         """Install precomputed templates (e.g. from a checkpoint)."""
         for layer in self.layers:
-            layer.statistics = None
+            layer.stop_collecting()
             layer.templates = templates.layers.get(layer.index)
 
     def _registered_handles(self) -> list[torch.utils.hooks.RemovableHandle]:
         handles = [*self._handles]
         for layer in self.layers:
-            handles += [*layer._handles, *layer._norm_handles.values()]
+            handles += layer.handles()
         return handles
 
     def hook_ids(self) -> set[int]:
