@@ -287,3 +287,36 @@ def test_fuse_norms_false_leaves_the_norms_alone(calibrated):
         for name in fresh.arch.norm_names():
             norm = layer.layer.get_submodule(name)
             assert _own_forward(norm) is LlamaRMSNorm.forward
+
+
+def test_a_fused_norm_inserts_its_rows_itself_where_the_kernel_declines(
+    calibrated, monkeypatch
+):
+    """A fused norm carries no hook of the runtime (a hook makes each call of the
+    norm the slow one); where the kernel does not apply, its forward runs the
+    norm and writes the template rows as the hook would."""
+    model, tokenizer = calibrated
+    runtime = get_runtime(model)
+    batch = tokenizer(["the cat sat, on the mat."], return_tensors="pt").to(DEVICE)
+    with torch.no_grad():
+        runtime.fuse_norms = False
+        hooked = model(**batch).logits
+        runtime.fuse_norms = True
+        model(**batch)
+        norms = [
+            layer.layer.get_submodule(name)
+            for layer in runtime.layers
+            for name in layer.templates.norm_templates
+        ]
+        assert norms
+        assert all(_own_forward(norm) is not LlamaRMSNorm.forward for norm in norms)
+        assert not any(
+            hook.__module__ == runtime_module.__name__
+            for norm in norms
+            for hook in norm._forward_hooks.values()
+        )
+        calls = _count_fused_calls(monkeypatch)
+        monkeypatch.setattr(runtime_module, "FUSED_NORM_MAX_WIDTH", 0)
+        declined = model(**batch).logits
+    assert calls == []  # the kernel declined every norm
+    assert torch.equal(declined, hooked)

@@ -778,21 +778,28 @@ class LayerRuntime:
         if self._norms_seen == _norms_state(fuses, norms):
             return
         for name, norm in zip(self.arch.norm_names(), norms, strict=True):
-            if id(norm) not in self._norm_handles:
-                hook = self._norm_hook(name, norm)
-                self._norm_handles[id(norm)] = norm.register_forward_hook(hook)
+            if id(norm) not in self._fused_norms:
+                self._fuse_norm_where_it_runs(name, norm)
             if id(norm) in self._fused_norms:
-                continue
-            # not where the fused kernel never runs (by default, Triton off the
-            # norm's device): its forward would only add a call around the norm's
-            weight = getattr(norm, "weight", None)
-            if not isinstance(weight, torch.Tensor):
-                continue
-            if not self.runtime.fuses_norms_on(weight):
-                continue
-            if (cast_before_weight := _fused_norm_form(norm, self.arch)) is not None:
-                self._fuse_norm(name, norm, cast_before_weight)
+                # its forward inserts where the kernel does not apply: a hook
+                # would only make every call of the norm the slow one
+                if (handle := self._norm_handles.pop(id(norm), None)) is not None:
+                    handle.remove()
+            elif id(norm) not in self._norm_handles:
+                hook = self._norm_hook(name)
+                self._norm_handles[id(norm)] = norm.register_forward_hook(hook)
         self._norms_seen = _norms_state(fuses, norms)
+
+    def _fuse_norm_where_it_runs(self, name: str, norm: nn.Module) -> None:
+        # not where the fused kernel never runs (by default, Triton off the
+        # norm's device): its forward would only add a call around the norm's
+        weight = getattr(norm, "weight", None)
+        if not isinstance(weight, torch.Tensor):
+            return
+        if not self.runtime.fuses_norms_on(weight):
+            return
+        if (cast_before_weight := _fused_norm_form(norm, self.arch)) is not None:
+            self._fuse_norm(name, norm, cast_before_weight)
 
     def _fuse_norm(self, name: str, norm: nn.Module, cast_before_weight: bool):
         """Let ``norm``'s forward compute its template rows in the same pass
@@ -806,7 +813,11 @@ class LayerRuntime:
                 )
                 if output is not None:
                     return output
-            return type(module).forward(module, hidden_states, *args, **kwargs)
+            output = type(module).forward(module, hidden_states, *args, **kwargs)
+            if module is not norm:
+                return output  # a copy that took this forward: hooked on its own
+            inserted = self._after_norm(name, module, hidden_states, output)
+            return output if inserted is None else inserted
 
         if "_original_forward_func" in vars(norm):  # inside the offload wrapper
             norm._original_forward_func = forward
@@ -879,34 +890,41 @@ class LayerRuntime:
         state.fused.add(name)
         return output
 
-    def _norm_hook(self, name: str, norm: nn.Module):
+    def _norm_hook(self, name: str):
         def after_norm(module, args, output):
-            state = self.current
-            if state is None:
-                return None
-            if self.collecting:
-                if bool(state.carriers.any()):
-                    normalized = _normalized(args[0], _norm_epsilon(module), self.arch)
-                    self.statistics.add_rows(
-                        self.statistics.norm_sums[name],
-                        self.statistics.norm_counts[name],
-                        normalized[state.carriers],
-                        state.kinds[state.carriers],
-                    )
-                return None
-            if name in state.fused or not state.has_carriers:
-                return None
-            values = self._scaled_norm_template(name, module, output)
-            if values is None:
-                return None
-            if state.pending is not None and _fuses_detection(state, args[0], output):
-                state.resolve(write=(output, state.kinds, values))
-                return output
-            return insert_templates(
-                output, state.rows(), state.kinds, values, kind=state.kind
-            )
+            return self._after_norm(name, module, args[0], output)
 
         return after_norm
+
+    def _after_norm(
+        self, name: str, norm: nn.Module, hidden: torch.Tensor, output: torch.Tensor
+    ) -> torch.Tensor | None:
+        """What the norm ``name`` returns with its template rows, or ``None`` for
+        its output as it is (collecting statistics; nothing to insert)."""
+        state = self.current
+        if state is None:
+            return None
+        if self.collecting:
+            if bool(state.carriers.any()):
+                normalized = _normalized(hidden, _norm_epsilon(norm), self.arch)
+                self.statistics.add_rows(
+                    self.statistics.norm_sums[name],
+                    self.statistics.norm_counts[name],
+                    normalized[state.carriers],
+                    state.kinds[state.carriers],
+                )
+            return None
+        if name in state.fused or not state.has_carriers:
+            return None
+        values = self._scaled_norm_template(name, norm, output)
+        if values is None:
+            return None
+        if state.pending is not None and _fuses_detection(state, hidden, output):
+            state.resolve(write=(output, state.kinds, values))
+            return output
+        return insert_templates(
+            output, state.rows(), state.kinds, values, kind=state.kind
+        )
 
     def _scaled_norm_template(
         self, name: str, norm: nn.Module, output: torch.Tensor
