@@ -49,6 +49,9 @@ WARMUP_RUNS = 3
 # the same variant. Longer forwards are timed right after the switch (those costs
 # are then under 0.1 % of them, and an extra run would double a CPU benchmark).
 SETTLE_BELOW_S = 1.0
+# a decode step takes milliseconds and this VM moves single runs by several per
+# cent: its ratio is a median of more interleaved pairs
+DECODE_REPEATS = 40
 
 
 def synchronize(device: torch.device) -> None:
@@ -431,7 +434,7 @@ def main() -> None:
             cache.crop(args.cached)
 
         rows[f"decode 1 (+{args.cached} cached)"] = side_by_side(
-            decode, layers, templates, device, max(args.repeats, 10)
+            decode, layers, templates, device, max(args.repeats, DECODE_REPEATS)
         )
         if args.profile and device.type == "cuda":
             size, tokens = shapes[0]
