@@ -134,6 +134,23 @@ def install(layers, templates, variant: str) -> None:
 _DETACHED = contextlib.ExitStack()
 
 
+def hooked_calls(run) -> int:
+    """Module calls of one ``run`` that go through hooks of their own (each such
+    call takes ``nn.Module``'s slow path, hooks that return at once included)."""
+    calls = [0]
+
+    def count(module, args):
+        if module._forward_hooks or module._forward_pre_hooks:
+            calls[0] += 1
+
+    handle = torch.nn.modules.module.register_module_forward_pre_hook(count)
+    try:
+        run()
+    finally:
+        handle.remove()
+    return calls[0]
+
+
 def cuda_kernels(run) -> int:
     """CUDA kernels (and memsets/copies) one call of ``run`` launches."""
     from torch.profiler import ProfilerActivity, profile
@@ -150,12 +167,13 @@ def side_by_side(run, layers, templates, device, repeats: int) -> dict:
     installed over removed."""
     names = variants(device)
     runs = {name: [] for name in names}
-    syncs, kernels = {}, {}
+    syncs, kernels, hooked = {}, {}, {}
     for name in names:  # warm-up (GPU clocks ramp), the sync count
         install(layers, templates, name)
         for _ in range(WARMUP_RUNS):
             run()
         syncs[name] = sum(count_host_syncs(run).values())
+        hooked[name] = hooked_calls(run)
         if device.type == "cuda":
             kernels[name] = cuda_kernels(run)
     settle = timed(run, device) < SETTLE_BELOW_S
@@ -173,6 +191,8 @@ def side_by_side(run, layers, templates, device, repeats: int) -> dict:
         "ratio": medians[INSTALLED] / medians[REMOVED],
         "host_syncs_without": syncs[REMOVED],
         "host_syncs_with": syncs[INSTALLED],
+        "hooked_calls_without": hooked[REMOVED],
+        "hooked_calls_with": hooked[INSTALLED],
         "runs_without_s": runs[REMOVED],
         "runs_with_s": runs[INSTALLED],
     }
@@ -468,14 +488,15 @@ def main() -> None:
         print(json.dumps(checks["cuda_graph_decode"]), flush=True)
     print(
         f"| {args.model} {args.device} {args.dtype} | without (s) | with (s) | ratio "
-        "| host syncs without / with |"
+        "| host syncs without / with | hooked module calls without / with |"
     )
-    print("|---|---|---|---|---|")
+    print("|---|---|---|---|---|---|")
     for key, row in rows.items():
         print(
             f"| {key} | {row['without_s']:.4f} | {row['with_s']:.4f} | "
             f"{row['ratio']:.3f} | {row['host_syncs_without']} / "
-            f"{row['host_syncs_with']} |"
+            f"{row['host_syncs_with']} | {row['hooked_calls_without']} / "
+            f"{row['hooked_calls_with']} |"
         )
     for key, row in rows.items():
         if "hooked_s" in row:
