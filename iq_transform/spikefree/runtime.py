@@ -285,6 +285,11 @@ def _exceeds_on_host(hidden: torch.Tensor, threshold: torch.Tensor) -> bool:
     return max(high.item(), -low.item()) > threshold.item()
 
 
+def _remove_hooks(handles) -> None:
+    for handle in handles:
+        handle.remove()
+
+
 def _own_forward(norm: nn.Module):
     """The forward function ``norm`` runs, under compressed-tensors' offload
     wrapper (which ``oneshot`` leaves on every module) where there is one."""
@@ -308,15 +313,15 @@ def _norms_state(fuses: bool, norms: list[nn.Module]) -> tuple:
     an offload wrapper). Compared with ``==``, which for modules and functions is
     identity (a fresh bound method of the same function and module is the same
     forward)."""
-    return (fuses,) + tuple(
-        item
-        for norm in norms
-        for item in (
+    state = [fuses]
+    for norm in norms:
+        attributes = vars(norm)
+        state += (
             norm,
-            vars(norm).get("forward"),
-            vars(norm).get("_original_forward_func"),
+            attributes.get("forward"),
+            attributes.get("_original_forward_func"),
         )
-    )
+    return tuple(state)
 
 
 def _fused_norm_form(norm: nn.Module, arch: ArchSpec) -> bool | None:
@@ -606,12 +611,6 @@ class LayerRuntime:
         self.statistics = None
         self.templates = templates
 
-    def stop_collecting(self) -> None:
-        """Drop the statistics without templates (a model loaded from a checkpoint
-        gets its templates next)."""
-        self.statistics = None
-        self._sync_hooks()
-
     def handles(self) -> list[torch.utils.hooks.RemovableHandle]:
         """Every hook this layer has registered now."""
         return [
@@ -622,8 +621,7 @@ class LayerRuntime:
         ]
 
     def remove(self) -> None:
-        for handle in self.handles():
-            handle.remove()
+        _remove_hooks([*self._handles, *self._linear_handles, *self._down_handles])
         self._handles, self._linear_handles, self._down_handles = [], [], []
         self._down_hook_ids, self._removed = None, True
         self._remove_norm_hooks()
@@ -631,9 +629,10 @@ class LayerRuntime:
     def _sync_hooks(self) -> None:
         """Register the hooks that the layer's state can act through, and remove
         the others: a hook that returns at once still makes its module's call the
-        slow one, about 4 us on this CPU, which over the 270 hooked modules of a
-        SmolLM2 decode step was 2 % of the step. The norms are hooked at the next
-        forward (:meth:`_hook_norms`)."""
+        slow one (a SmolLM2 decode step called 271 modules through hooks before,
+        77 since: ``benchmarks/runtime_overhead.py``). Called whenever the state
+        changes; the norms and linears are hooked at the next forward with
+        carriers (:meth:`_hook_norms`, :meth:`_hook_linears`)."""
         if self._removed:
             return
         templates = self._templates
@@ -652,8 +651,7 @@ class LayerRuntime:
                 self.layer.register_forward_hook(self._after_layer),
             ]
         elif not wants_layer:
-            for handle in self._handles:
-                handle.remove()
+            _remove_hooks(self._handles)
             self._handles, self.current = [], None
         self._remove_linear_hooks()
         self._exact_row_sites = []
@@ -663,20 +661,17 @@ class LayerRuntime:
         if wants_down and not self._down_handles:
             self._hook_down_proj()
         elif not wants_down:
-            for handle in self._down_handles:
-                handle.remove()
+            _remove_hooks(self._down_handles)
             self._down_handles, self._down_hook_ids = [], None
         if not (collecting or norm_rows):
             self._remove_norm_hooks()
 
     def _remove_linear_hooks(self) -> None:
-        for handle in self._linear_handles:
-            handle.remove()
+        _remove_hooks(self._linear_handles)
         self._linear_handles, self._linears_seen = [], None
 
     def _remove_norm_hooks(self) -> None:
-        for handle in self._norm_handles.values():
-            handle.remove()
+        _remove_hooks(self._norm_handles.values())
         self._norm_handles.clear()
         self._norms_seen = None
         self._unfuse_norms()
@@ -713,9 +708,7 @@ class LayerRuntime:
             has_carriers = bool(templates.norm_templates)
             if has_carriers:
                 threshold = templates.residual_threshold
-                if self.runtime.clear_on_host(hidden, threshold):
-                    carriers, has_carriers = self.runtime.no_rows(hidden), False
-                elif not _indexed(hidden) and row_detector(hidden) is not None:
+                if not _indexed(hidden) and row_detector(hidden) is not None:
                     pending = (
                         hidden,
                         self._carrier_detection(hidden, shared, threshold),
@@ -1001,8 +994,7 @@ class LayerRuntime:
             state = self.current
             if self.collecting or state is None or not state.has_carriers:
                 return None
-            if not _quantizes_input(module):
-                return None  # the template row went through unquantized already
+            # it quantizes its input: _hook_linears checked at this forward's start
             outputs = _plain_attribute(module, "template_outputs")
             if outputs is not None:
                 pass  # computed once from the templates (int8 CPU execution)
@@ -1109,9 +1101,6 @@ class LayerRuntime:
         if rows is _DETECT_AFTER:
             hidden = args[0]
             threshold = self.resident_templates(hidden.device).down_threshold
-            if not state.has_carriers and self.runtime.clear_on_host(hidden, threshold):
-                self.runtime.no_rows(hidden)  # this forward's handled rows: none
-                return None
             short = row_detector(hidden) is not None and output.is_contiguous()
             write = (output, state.kinds, self._down_values(output)) if short else None
             rows = self.runtime.spike_rows(
@@ -1424,7 +1413,15 @@ class SpikeFreeRuntime:
             return detect(hidden, threshold, mask, also, record, zero, write)
         if write is not None:
             raise ValueError("write= needs the short-sequence detection kernel")
-        if also is None and self.clear_on_host(hidden, threshold):
+        if (
+            also is None
+            and hidden.shape[-2] < MIN_TOKENS_FOR_MEDIAN
+            and _indexed(hidden)
+            and not _exceeds_on_host(hidden, threshold)
+        ):
+            # a short sequence on the host (a decode step) without one activation
+            # over the threshold has no spike row, found by one reduction that the
+            # host reads for free, where the per-row decision takes six ops
             return self.no_rows(hidden)
         token_max = detect_token_max(hidden, float32=False)
         previous = self._previous_for(token_max) if follow else None
@@ -1456,17 +1453,6 @@ class SpikeFreeRuntime:
         if zero:
             zero_rows(hidden, rows, kinds)
         return rows
-
-    @staticmethod
-    def clear_on_host(hidden: torch.Tensor, threshold: torch.Tensor) -> bool:
-        """Whether ``hidden`` is a short sequence on the host (a decode step) with
-        no activation over ``threshold``, so no spike row: one reduction that the
-        host reads for free, where the per-row decision takes six ops."""
-        return (
-            hidden.shape[-2] < MIN_TOKENS_FOR_MEDIAN
-            and _indexed(hidden)
-            and not _exceeds_on_host(hidden, threshold)
-        )
 
     def no_rows(self, hidden: torch.Tensor) -> torch.Tensor:
         """All-False rows for ``hidden``, one tensor per shape that nobody writes
@@ -1624,7 +1610,7 @@ class SpikeFreeRuntime:
     def load_templates(self, templates: SpikeTemplates) -> None:
         """Install precomputed templates (e.g. from a checkpoint)."""
         for layer in self.layers:
-            layer.stop_collecting()
+            layer.statistics = None
             layer.templates = templates.layers.get(layer.index)
 
     def _registered_handles(self) -> list[torch.utils.hooks.RemovableHandle]:
