@@ -46,8 +46,8 @@ def _next_power_of_2(n: int) -> int:
 LAUNCHES = [0]
 
 
-def _stubbed_launch(self, grid, args, constants, **options) -> None:
-    triton_launch.launch_key(0, args, constants, options)  # the host work kept
+def _stubbed_launch(self, grid, args) -> None:
+    triton_launch.arguments_key(0, args)  # the host work kept
     LAUNCHES[0] += 1
 
 
@@ -61,11 +61,13 @@ def take_the_cuda_path() -> None:
             module.triton_runs_on = lambda tensor: True
     runtime_module.HOST_INDEXED_DEVICES.clear()
     runtime_module.KERNEL_DEVICES.add("cpu")
-    triton_launch.FastLaunch.__call__ = _stubbed_launch
+    triton_launch.BoundLaunch.__call__ = _stubbed_launch
     row_decisions._DECIDE_ROWS = triton_launch.FastLaunch(None)
     row_decisions._DETECT_ROWS = triton_launch.FastLaunch(None)
     norm_rows._NORM_ROWS = triton_launch.FastLaunch(None)
     row_writes._WRITE_ROWS = triton_launch.FastLaunch(None)
+    norm_rows._norm_rows_launch.cache_clear()  # bound to the kernels above
+    row_decisions._detect_rows_launch.cache_clear()
 
 
 def main() -> None:

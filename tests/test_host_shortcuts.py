@@ -229,3 +229,55 @@ def test_template_fed_linears_of_a_quantized_model_are_hooked_where_rows_differ(
             attention.q_proj, runtime
         )
     assert hooked > 0
+
+
+@pytest.mark.parametrize("fuse", [None, True])  # norms hooked on the CPU, or fused
+def test_the_decode_steps_of_a_sequence_skip_the_checks_its_first_forward_made(
+    w8a8_rtn_on_device, calibration, monkeypatch, fuse
+):
+    """A sequence's first forward checks the norms, the template-fed linears and
+    ``down_proj``'s hooks; its decode steps (the same cache) do not, and give the
+    logits that checked steps give. Detaching the runtime mid-sequence (as the
+    overhead benchmark switches variants) checks the norms again, setting
+    ``fuse_norms`` everything."""
+    model, tokenizer = w8a8_rtn_on_device
+    runtime = get_runtime(model)
+    # the device path: every layer looks for carriers (none is known absent)
+    monkeypatch.setattr(runtime_module, "HOST_INDEXED_DEVICES", set())
+    monkeypatch.setattr(runtime, "fuse_norms", fuse)
+    norm_checks = count_calls(monkeypatch, runtime_module.LayerRuntime, "_hook_norms")
+    down_checks = count_calls(monkeypatch, runtime_module, "_rows_stay_apart")
+    prompt = calibration[:2, :40].to(DEVICE)
+    tokens = [tokenizer(t).input_ids[-1] for t in ("\n", "a", "\n", "b")]
+    steps = [torch.tensor([[token]] * 2, device=DEVICE) for token in tokens]
+
+    def decode(recheck: bool, detach_at: int | None = None) -> list[torch.Tensor]:
+        logits = []
+        with torch.no_grad():
+            cache = model(input_ids=prompt, use_cache=True).past_key_values
+            for index, step in enumerate(steps):
+                if recheck:
+                    runtime.fuse_norms = fuse  # a new sequence: checked again
+                if index == detach_at:
+                    with runtime.detached():
+                        model(input_ids=step, past_key_values=cache)
+                    cache.crop(prompt.shape[1] + index)
+                    norm_checks.clear()
+                    down_checks.clear()
+                logits.append(model(input_ids=step, past_key_values=cache).logits)
+                if index == 0:
+                    assert norm_checks and down_checks  # the first forward's
+                    norm_checks.clear()
+                    down_checks.clear()
+                elif index == detach_at:
+                    assert norm_checks  # the norms were given their forwards back
+                    norm_checks.clear()
+                    down_checks.clear()
+                elif not recheck:
+                    assert not norm_checks and not down_checks
+        return logits
+
+    checked = decode(recheck=True)
+    for settled in (decode(recheck=False), decode(recheck=False, detach_at=2)):
+        for got, expected in zip(settled, checked, strict=True):
+            torch.testing.assert_close(got, expected, rtol=0, atol=0)

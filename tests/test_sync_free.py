@@ -444,4 +444,4 @@ def test_direct_launches_write_what_the_first_launch_does(monkeypatch):
         assert launch.compiled_kernels == 4
     with pytest.raises(ValueError, match="parameter order"):
         launch = FastLaunch(row_writes._write_rows_kernel)
-        launch._check_order(5, {"BLOCK": 1024, "N": 97})
+        launch.bind({"BLOCK": 1024, "N": 97})._check_order(5)

@@ -169,6 +169,31 @@ if triton is not None:
     _NORM_ROWS = FastLaunch(_norm_rows_kernel)
 
 
+@functools.cache  # a few combinations per model: bound once each
+def _norm_rows_launch(
+    width: int,
+    has_templates: bool,
+    has_rows: bool,
+    has_threshold: bool,
+    has_valid: bool,
+    record: bool,
+    cast_before_weight: bool,
+):
+    """The norm kernel's launch for rows of ``width`` and these arguments."""
+    block, warps = launch_config(width, NORM_ROWS)
+    constants = {
+        "ROWS": NORM_ROWS,
+        "BLOCK": block,
+        "HAS_TEMPLATES": has_templates,
+        "HAS_ROWS_IN": has_rows,
+        "HAS_THRESHOLD": has_threshold,
+        "HAS_VALID": has_valid,
+        "RECORD": record,
+        "CAST_BEFORE_WEIGHT": cast_before_weight,
+    }
+    return _NORM_ROWS.bind(constants, num_warps=warps)
+
+
 def check_templates(
     templates: torch.Tensor | None,
     kinds: torch.Tensor | None,
@@ -309,9 +334,17 @@ def fused_norm_templates(
     detected = None
     if threshold is not None:
         detected = torch.empty(x.shape[:-1], dtype=torch.bool, device=x.device)
-    block, warps = launch_config(width, NORM_ROWS)
     has_templates = templates is not None
-    _NORM_ROWS(
+    launch = _norm_rows_launch(
+        width,
+        has_templates,
+        rows is not None,
+        threshold is not None,
+        valid is not None,
+        record is not None,
+        cast_before_weight,
+    )
+    launch(
         (-(-count // NORM_ROWS),),
         (
             x,
@@ -329,16 +362,5 @@ def fused_norm_templates(
             eps,
             float(weight_offset),
         ),
-        {
-            "ROWS": NORM_ROWS,
-            "BLOCK": block,
-            "HAS_TEMPLATES": has_templates,
-            "HAS_ROWS_IN": rows is not None,
-            "HAS_THRESHOLD": threshold is not None,
-            "HAS_VALID": valid is not None,
-            "RECORD": record is not None,
-            "CAST_BEFORE_WEIGHT": cast_before_weight,
-        },
-        num_warps=warps,
     )
     return output, detected

@@ -19,6 +19,8 @@ ops.
 
 from __future__ import annotations
 
+import functools
+
 import torch
 
 from iq_transform.spikefree.detect import MIN_TOKENS_FOR_MEDIAN
@@ -251,8 +253,16 @@ def detect_rows(
     batch, tokens, width = hidden.shape
     rows = torch.empty(batch, tokens, dtype=torch.bool, device=hidden.device)
     dummy = rows  # never read where its flag is off
-    block, warps = row_block(width)
-    _DETECT_ROWS(
+    launch = _detect_rows_launch(
+        width,
+        width if write is None else write[0].shape[-1],
+        valid is not None,
+        also is not None,
+        record is not None,
+        zero,
+        write is not None,
+    )
+    launch(
         (batch * tokens,),
         (
             hidden,
@@ -263,19 +273,33 @@ def detect_rows(
             dummy if record is None else int8_bytes(record),
             *((hidden, dummy, dummy) if write is None else write),
         ),
-        {
-            "N": width,
-            "OUT_N": width if write is None else write[0].shape[-1],
-            "HAS_VALID": valid is not None,
-            "HAS_ALSO": also is not None,
-            "RECORD": record is not None,
-            "ZERO": zero,
-            "WRITE": write is not None,
-            "BLOCK": block,
-        },
-        num_warps=warps,
     )
     return rows
+
+
+@functools.cache  # a few combinations per model: bound once each
+def _detect_rows_launch(
+    width: int,
+    out_width: int,
+    has_valid: bool,
+    has_also: bool,
+    record: bool,
+    zero: bool,
+    write: bool,
+):
+    """The detection kernel's launch for rows of ``width`` and these arguments."""
+    block, warps = row_block(width)
+    constants = {
+        "N": width,
+        "OUT_N": out_width,
+        "HAS_VALID": has_valid,
+        "HAS_ALSO": has_also,
+        "RECORD": record,
+        "ZERO": zero,
+        "WRITE": write,
+        "BLOCK": block,
+    }
+    return _DETECT_ROWS.bind(constants, num_warps=warps)
 
 
 def row_detector(hidden: torch.Tensor):

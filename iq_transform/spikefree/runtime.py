@@ -35,6 +35,7 @@ too. Observers learn which rows to drop from
 from __future__ import annotations
 
 import types
+import weakref
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -558,6 +559,12 @@ class LayerRuntime:
         # make exact, and what _hook_linears last saw of them
         self._exact_row_sites: list[tuple[list[str], str]] = []
         self._linears_seen: tuple | None = None
+        # the sequence (SpikeFreeRuntime.sequence) one of whose forwards found the
+        # norms and linears, and the down_proj hooks, as they are: its later
+        # forwards (decode steps) skip those checks
+        self._settled_for: object | None = None
+        self._down_settled_for: object | None = None
+        self._down_rows_stay_apart = False
         self._down_handles: list[torch.utils.hooks.RemovableHandle] = []
         self._down_proj = layer.get_submodule(self.arch.down_proj)
         self._down_hook_ids: tuple[int, int] | None = None
@@ -669,11 +676,12 @@ class LayerRuntime:
     def _remove_linear_hooks(self) -> None:
         _remove_hooks(self._linear_handles)
         self._linear_handles, self._linears_seen = [], None
+        self._settled_for = None
 
     def _remove_norm_hooks(self) -> None:
         _remove_hooks(self._norm_handles.values())
         self._norm_handles.clear()
-        self._norms_seen = None
+        self._norms_seen, self._settled_for = None, None
         self._unfuse_norms()
 
     # -- hooks -----------------------------------------------------------------
@@ -739,13 +747,23 @@ class LayerRuntime:
         set_excluded_rows(state.carriers)
         # the norms and linears act on carriers only: a layer that knows it has
         # none (a decode step on the host, mostly) leaves them as they are
-        if self.collecting or state.has_carriers:
+        sequence = self.runtime.sequence
+        if (self.collecting or state.has_carriers) and (
+            sequence is None or self._settled_for is not sequence
+        ):
             if self.collecting or self._templates.norm_templates:
                 self._hook_norms(hidden)
             if self._exact_row_sites:
                 self._hook_linears()
-        if self._down_hook_ids is not None:
+            self._settled_for = sequence
+        if self._down_hook_ids is not None and (
+            sequence is None or self._down_settled_for is not sequence
+        ):
             self._order_down_proj_hooks()
+            self._down_rows_stay_apart = _rows_stay_apart(
+                self._down_proj, self._down_hook_ids
+            )
+            self._down_settled_for = sequence
 
     def _carrier_detection(self, hidden, shared: _Tokens, threshold: torch.Tensor):
         """The detection of a short sequence's carriers, for later: one pass over
@@ -828,7 +846,7 @@ class LayerRuntime:
             elif getattr(vars(norm).get("forward"), "__func__", None) is forward:
                 del norm.forward
         self._fused_norms.clear()
-        self._norms_seen = None
+        self._norms_seen, self._settled_for = None, None
 
     def _fused_norm_output(
         self, name: str, norm: nn.Module, hidden: torch.Tensor, cast_before_weight: bool
@@ -1040,6 +1058,7 @@ class LayerRuntime:
         after = down_proj.register_forward_hook(self._after_down_proj)
         self._down_handles = [before, after]
         self._down_hook_ids = (before.id, after.id)
+        self._down_settled_for = None
 
     def _order_down_proj_hooks(self) -> None:
         """Ours first among the input hooks and last among the output hooks, so they
@@ -1069,7 +1088,7 @@ class LayerRuntime:
         templates = self.resident_templates(hidden.device)
         if templates.down_template is None:
             return None
-        if _rows_stay_apart(module, self._down_hook_ids):
+        if self._down_rows_stay_apart:
             # nothing else sees the spike rows: they are found after the product,
             # with the output write (one pass on a decode step), and not zeroed
             self._down_rows = _DETECT_AFTER
@@ -1264,6 +1283,8 @@ class SpikeFreeRuntime:
         self.model, self.arch, self.ratio = model, arch, ratio
         self.exact_template_rows = exact_template_rows
         self._follow_carriers = follow_carriers
+        self._sequence = object()
+        self._last_cache: weakref.ref | None = None
         self.fuse_norms = fuse_norms
         # False: every hook returns at once, templates and their device copies kept
         # (the model's own forward, e.g. to time or compare against)
@@ -1280,6 +1301,9 @@ class SpikeFreeRuntime:
         # (key, tokens) shared by the layers of the model forward in flight
         self._in_forward = False
         self._tokens: tuple[tuple, _Tokens] | None = None
+        # (sequence, key, tokens) of the last decode step without a padding mask:
+        # the next step of its sequence has the same (nothing writes them)
+        self._decode_tokens: tuple | None = None
         self.layers = [
             LayerRuntime(self, index, layer)
             for index, layer in enumerate(arch.decoder_layers(model))
@@ -1310,12 +1334,14 @@ class SpikeFreeRuntime:
 
     # -- model-level bookkeeping ----------------------------------------------
     def _before_model(self, module, args, kwargs):
-        self.begin_forward(kwargs.get("attention_mask"))
+        self.begin_forward(kwargs.get("attention_mask"), kwargs.get("past_key_values"))
 
     def _after_model(self, module, args, output):
         self.end_forward()
 
-    def begin_forward(self, attention_mask) -> None:
+    def begin_forward(self, attention_mask, past_key_values=None) -> None:
+        """Start a model forward: its padding mask, and with its KV cache, whether
+        it continues the previous forward's sequence (:attr:`sequence`)."""
         # fx tracing passes proxies here: keep only real 2-D padding masks.
         mask = attention_mask
         is_mask = type(mask) is torch.Tensor and mask.dim() == 2 and not mask.is_meta
@@ -1323,6 +1349,39 @@ class SpikeFreeRuntime:
         self._forward_rows = None
         self._previous = None
         self._in_forward, self._tokens = True, None
+        last = None if self._last_cache is None else self._last_cache()
+        continues = last is not None and past_key_values is last
+        if continues:
+            # a static cache keeps its length on the device: not read here
+            past = _past_length(past_key_values, 0)
+            continues = not isinstance(past, int) or past > 0
+        if not continues:
+            self._sequence = object()
+        try:
+            self._last_cache = weakref.ref(past_key_values)
+        except TypeError:  # None, or a cache without weak references
+            self._last_cache = None
+
+    @property
+    def sequence(self) -> object | None:
+        """The sequence the forward in flight belongs to (``None`` outside a
+        model forward): a forward that carries the cache the previous forward
+        filled continues its sequence, any other starts one. The layers check
+        their norms, linears and ``down_proj`` hooks once per sequence, not at
+        every decode step: what they check (a norm swapped or wrapped, a
+        scheme attached or switched, another stage's hooks) changes between
+        sequences (calibration forwards carry no cache), and changing
+        ``fuse_norms`` starts a new one."""
+        return self._sequence if self._in_forward else None
+
+    @property
+    def fuse_norms(self) -> bool | None:
+        return self._fuse_norms
+
+    @fuse_norms.setter
+    def fuse_norms(self, fuse: bool | None) -> None:
+        self._fuse_norms = fuse
+        self._sequence = object()
 
     def end_forward(self) -> None:
         if self._forward_rows is not None:
@@ -1503,6 +1562,17 @@ class SpikeFreeRuntime:
         key = (batch, tokens, device, id(past_key_values))
         if self._in_forward and self._tokens is not None and self._tokens[0] == key:
             return self._tokens[1]
+        steady = self._decode_tokens
+        if (
+            self._in_forward
+            and steady is not None
+            and steady[0] is self._sequence
+            and steady[1] == key
+            and self.attention_mask is None
+        ):
+            # the previous decode step's: every token mid-sequence and real
+            self._tokens = steady[1:]
+            return steady[2]
         past = _past_length(past_key_values, layer_index)
         mask = self.attention_mask
         padded = mask is not None and mask.shape[0] == batch and mask.shape[1] >= tokens
@@ -1516,6 +1586,8 @@ class SpikeFreeRuntime:
         )
         if self._in_forward:
             self._tokens = (key, shared)
+            if shared.kind is not None and not padded:
+                self._decode_tokens = (self._sequence, key, shared)
         return shared
 
     def valid_tokens(self, batch: int, tokens: int, device) -> torch.Tensor:

@@ -23,7 +23,7 @@ from collections.abc import Sequence
 
 import torch
 
-__all__ = ["FastLaunch", "launch_key"]
+__all__ = ["BoundLaunch", "FastLaunch", "arguments_key", "launch_key"]
 
 try:
     from triton import knobs
@@ -35,14 +35,19 @@ _INT32 = range(-(2**31), 2**31)
 
 
 def launch_key(device: int, args: Sequence, constants: dict, options: dict) -> tuple:
-    """The compiled kernel a launch needs: equal keys, the same compiled kernel.
+    """The compiled kernel a launch needs: equal keys, the same compiled kernel
+    (the constants and options, then :func:`arguments_key`)."""
+    return (*constants.items(), *options.items(), *arguments_key(device, args))
 
-    What Triton specializes each argument on (``native_specialize_impl``):
-    tensors on their dtype and 16-byte alignment, integers on being 1, divisible
-    by 16 and fitting 32 bits, booleans on their value, floats on nothing. One
-    flat tuple, built inline: this runs at every launch of every layer.
+
+def arguments_key(device: int, args: Sequence) -> tuple:
+    """What Triton specializes a launch's arguments on
+    (``native_specialize_impl``): tensors on their dtype and 16-byte alignment,
+    integers on being 1, divisible by 16 and fitting 32 bits, booleans on their
+    value, floats on nothing; and the device. One flat tuple, built inline: this
+    runs at every launch of every layer.
     """
-    key = [device, *constants.items(), *options.items()]
+    key = [device]
     for value in args:
         if isinstance(value, torch.Tensor):
             key += (value.dtype, value.data_ptr() % 16 == 0)
@@ -66,16 +71,22 @@ class FastLaunch:
 
     def __init__(self, kernel):
         self.kernel = kernel
-        self._compiled: dict[tuple, object] = {}
+        self._bound: dict[tuple, BoundLaunch] = {}
 
-    def _check_order(self, leading: int, constants: dict) -> None:
-        """The direct launch passes ``constants`` positionally: in parameter order."""
-        names = tuple(getattr(self.kernel, "arg_names", ()))[leading:]
-        if names and tuple(constants) != names:
-            raise ValueError(
-                f"constants {tuple(constants)} must be given in the kernel's "
-                f"parameter order {names}"
-            )
+    def bind(self, constants: dict, **options) -> BoundLaunch:
+        """The launch with ``constants`` and ``options`` fixed, made once per
+        distinct pair: a call site that binds once (or caches the bound launch)
+        pays only for its arguments at each launch.
+
+        :param constants: the kernel's ``tl.constexpr`` parameters, by name, in
+            parameter order
+        :param options: launch options (``num_warps``)
+        """
+        key = (*constants.items(), *options.items())
+        bound = self._bound.get(key)
+        if bound is None:
+            bound = self._bound[key] = BoundLaunch(self.kernel, constants, options)
+        return bound
 
     def __call__(
         self, grid: tuple[int, ...], args: Sequence, constants: dict, **options
@@ -87,21 +98,59 @@ class FastLaunch:
         :param constants: its ``tl.constexpr`` parameters, by name
         :param options: launch options (``num_warps``)
         """
+        self.bind(constants, **options)(grid, args)
+
+    @property
+    def compiled_kernels(self) -> int:
+        """Compiled kernels kept, one per launch key seen (0 in the interpreter)."""
+        return sum(len(bound.compiled) for bound in self._bound.values())
+
+
+class BoundLaunch:
+    """A kernel's launch with its constants and options fixed (see
+    :meth:`FastLaunch.bind`).
+
+    :param kernel: the ``@triton.jit`` function
+    :param constants: its ``tl.constexpr`` parameters, by name, in parameter order
+    :param options: launch options
+    """
+
+    def __init__(self, kernel, constants: dict, options: dict):
+        self.kernel, self.constants, self.options = kernel, dict(constants), options
+        self._values = tuple(constants.values())
+        # compiled kernels by arguments_key
+        self.compiled: dict[tuple, object] = {}
+
+    def _check_order(self, leading: int) -> None:
+        """The direct launch passes the constants positionally: in parameter order."""
+        names = tuple(getattr(self.kernel, "arg_names", ()))[leading:]
+        if names and tuple(self.constants) != names:
+            raise ValueError(
+                f"constants {tuple(self.constants)} must be given in the kernel's "
+                f"parameter order {names}"
+            )
+
+    def __call__(self, grid: tuple[int, ...], args: Sequence) -> None:
+        """Launch on ``args``' device, on its current stream.
+
+        :param grid: one to three program counts
+        :param args: the kernel's leading parameters, in order
+        """
         if args[0].device.type != "cuda" or CompiledKernel is None:
-            self.kernel[grid](*args, **constants, **options)  # e.g. the interpreter
+            self.kernel[grid](*args, **self.constants, **self.options)  # interpreter
             return
         # Triton launches on the current device, as ``kernel[grid]`` does
         device = torch._C._cuda_getDevice()
-        key = launch_key(device, args, constants, options)
-        compiled = self._compiled.get(key)
+        key = arguments_key(device, args)
+        compiled = self.compiled.get(key)
         if compiled is None:
-            self._check_order(len(args), constants)
-            compiled = self.kernel[grid](*args, **constants, **options)
+            self._check_order(len(args))
+            compiled = self.kernel[grid](*args, **self.constants, **self.options)
             if isinstance(compiled, CompiledKernel):
-                self._compiled[key] = compiled
+                self.compiled[key] = compiled
             return
         # Triton's own launch passes every parameter, constants included, in order
-        values = (*args, *constants.values())
+        values = (*args, *self._values)
         stream = torch._C._cuda_getCurrentRawStream(device)
         enter, leave = knobs.runtime.launch_enter_hook, knobs.runtime.launch_exit_hook
         if _silent(enter) and _silent(leave):  # no profiler listens: skip its metadata
@@ -120,11 +169,6 @@ class FastLaunch:
             leave,
             *values,
         )
-
-    @property
-    def compiled_kernels(self) -> int:
-        """Compiled kernels kept, one per launch key seen (0 in the interpreter)."""
-        return len(self._compiled)
 
 
 def _silent(hook) -> bool:
