@@ -332,8 +332,10 @@ def fused_norm_templates(
     x = x if x.is_contiguous() else x.contiguous()
     output = torch.empty_like(x)
     detected = None
-    if threshold is not None:
-        detected = torch.empty(x.shape[:-1], dtype=torch.bool, device=x.device)
+    if threshold is not None:  # (kinds has the rows' shape: the faster allocation)
+        detected = torch.empty_like(
+            kinds, dtype=torch.int8, memory_format=torch.contiguous_format
+        )
     has_templates = templates is not None
     launch = _norm_rows_launch(
         width,
@@ -356,11 +358,11 @@ def fused_norm_templates(
             x if valid is None else int8_bytes(valid),
             x if record is None else int8_bytes(record),
             output,
-            x if detected is None else detected.view(torch.int8),
+            x if detected is None else detected,
             count,
             width,
             eps,
             float(weight_offset),
         ),
     )
-    return output, detected
+    return output, None if detected is None else detected.view(torch.bool)

@@ -378,7 +378,7 @@ def _normalized(x: torch.Tensor, eps: float, arch: ArchSpec) -> torch.Tensor:
     return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps)
 
 
-@dataclass
+@dataclass(slots=True)
 class _Tokens:
     """What every decoder layer of one model forward shares (computed once)."""
 
@@ -391,7 +391,7 @@ class _Tokens:
     no_carriers: torch.Tensor
 
 
-@dataclass
+@dataclass(slots=True)
 class _Forward:
     """What one layer knows about the forward in flight."""
 
@@ -534,6 +534,7 @@ class LayerRuntime:
         self.mlp = layer.get_submodule(self.arch.down_proj.rsplit(".", 1)[0])
         self._layer_index = _cache_layer_index(layer)
         self._templates: LayerTemplates | None = None
+        self._carries = False  # the templates carry spikes
         self._resident: LayerTemplates | None = None
         self._resident_device: torch.device | None = None
         # per norm: (key, template rows scaled by the norm's weight, in its dtype)
@@ -581,6 +582,7 @@ class LayerRuntime:
     @templates.setter
     def templates(self, templates: LayerTemplates | None) -> None:
         self._templates, self._resident = templates, None
+        self._carries = templates is not None and templates.carries_spikes
         self._resident_device = None
         self._norm_values, self._frozen_outputs = {}, {}
         self._down_values_cast = None
@@ -604,10 +606,7 @@ class LayerRuntime:
 
     @property
     def active(self) -> bool:
-        return self.runtime.enabled and (
-            self.collecting
-            or (self.templates is not None and self.templates.carries_spikes)
-        )
+        return self.runtime.enabled and (self.collecting or self._carries)
 
     def start_collecting(self, hidden_size: int) -> None:
         self.statistics = LayerStatistics(hidden_size, self.arch.norm_names())
@@ -687,71 +686,28 @@ class LayerRuntime:
     # -- hooks -----------------------------------------------------------------
     def _before_layer(self, module, args, kwargs):
         hidden = args[0] if args else kwargs.get("hidden_states")
-        if not self.active or not isinstance(hidden, torch.Tensor) or hidden.is_meta:
+        runtime, collecting = self.runtime, self.statistics is not None
+        if (
+            not (runtime.enabled and (collecting or self._carries))
+            or not isinstance(hidden, torch.Tensor)
+            or hidden.is_meta
+        ):
             self.current = None
             return
-        if self.collecting and not torch.isfinite(hidden).all():
-            raise FloatingPointError(
-                f"NaN/inf activations entering decoder layer {self.index} during "
-                "SpikeFree calibration: fix the model or its dtype (e.g. fp16 "
-                "overflow) before calibrating."
-            )
-        batch, tokens = hidden.shape[:2]
         cache = kwargs.get("past_key_values")
-        if self.collecting:
-            token_max = detect_token_max(hidden)
-            valid = self.runtime.valid_tokens(batch, tokens, hidden.device)
-            kinds = _token_kinds(valid, _past_length(cache, self._layer_index))
-            carriers = spike_token_mask(token_max, self.runtime.ratio, valid)
-            carriers = carriers | self.runtime.still_carried(token_max)
-            self.runtime.remember_carriers(token_max, carriers)
-            self._record_residual(token_max, carriers, valid)
-            state = _Forward(valid=valid, kinds=kinds, carriers=carriers, mask=valid)
+        if collecting:
+            state = self._collecting_state(hidden, cache)
         else:
-            shared = self.runtime.tokens(
-                batch, tokens, hidden.device, cache, self._layer_index
-            )
-            templates = self.resident_templates(hidden.device)
-            carriers, pending = shared.no_carriers, None
-            has_carriers = bool(templates.norm_templates)
-            if has_carriers:
-                threshold = templates.residual_threshold
-                if not _indexed(hidden) and row_detector(hidden) is not None:
-                    pending = (
-                        hidden,
-                        self._carrier_detection(hidden, shared, threshold),
-                    )
-                    carriers = None
-                    self.runtime.forget_carriers()
-                else:
-                    carriers = self.runtime.spike_rows(
-                        hidden, shared.mask, threshold, follow=True
-                    )
-                    # where reading the rows costs nothing, a layer whose input
-                    # has no carrier (most decode steps) skips every insertion
-                    has_carriers = not self.runtime.found_none(carriers)
-            else:
-                self.runtime.forget_carriers()
-            state = _Forward(
-                valid=shared.valid,
-                kinds=shared.kinds,
-                carriers=carriers,
-                mask=shared.mask,
-                kind=shared.kind,
-                has_carriers=has_carriers,
-                pending=pending,
-            )
+            state = self._inference_state(hidden, cache)
         self.current = state
-        if self.collecting:
-            self.runtime.note_spikes(state.carriers)
         set_excluded_rows(state.carriers)
         # the norms and linears act on carriers only: a layer that knows it has
         # none (a decode step on the host, mostly) leaves them as they are
-        sequence = self.runtime.sequence
-        if (self.collecting or state.has_carriers) and (
+        sequence = runtime._sequence if runtime._in_forward else None
+        if (collecting or state.has_carriers) and (
             sequence is None or self._settled_for is not sequence
         ):
-            if self.collecting or self._templates.norm_templates:
+            if collecting or self._templates.norm_templates:
                 self._hook_norms(hidden)
             if self._exact_row_sites:
                 self._hook_linears()
@@ -764,6 +720,61 @@ class LayerRuntime:
                 self._down_proj, self._down_hook_ids
             )
             self._down_settled_for = sequence
+
+    def _collecting_state(self, hidden: torch.Tensor, cache) -> _Forward:
+        """Calibration: the layer input's carriers, recorded into the statistics."""
+        if not torch.isfinite(hidden).all():
+            raise FloatingPointError(
+                f"NaN/inf activations entering decoder layer {self.index} during "
+                "SpikeFree calibration: fix the model or its dtype (e.g. fp16 "
+                "overflow) before calibrating."
+            )
+        batch, tokens = hidden.shape[:2]
+        runtime = self.runtime
+        token_max = detect_token_max(hidden)
+        valid = runtime.valid_tokens(batch, tokens, hidden.device)
+        kinds = _token_kinds(valid, _past_length(cache, self._layer_index))
+        carriers = spike_token_mask(token_max, runtime.ratio, valid)
+        carriers = carriers | runtime.still_carried(token_max)
+        runtime.remember_carriers(token_max, carriers)
+        self._record_residual(token_max, carriers, valid)
+        runtime.note_spikes(carriers)
+        return _Forward(valid=valid, kinds=kinds, carriers=carriers, mask=valid)
+
+    def _inference_state(self, hidden: torch.Tensor, cache) -> _Forward:
+        """Inference: the layer input's carriers, found now or (a short sequence
+        where the detection kernel runs) by the first norm's pass."""
+        runtime = self.runtime
+        shared = runtime.tokens(
+            hidden.shape[0], hidden.shape[1], hidden.device, cache, self._layer_index
+        )
+        templates = self.resident_templates(hidden.device)
+        carriers, pending = shared.no_carriers, None
+        has_carriers = bool(templates.norm_templates)
+        if has_carriers:
+            threshold = templates.residual_threshold
+            if not _indexed(hidden) and row_detector(hidden) is not None:
+                pending = (hidden, self._carrier_detection(hidden, shared, threshold))
+                carriers = None
+                runtime.forget_carriers()
+            else:
+                carriers = runtime.spike_rows(
+                    hidden, shared.mask, threshold, follow=True
+                )
+                # where reading the rows costs nothing, a layer whose input
+                # has no carrier (most decode steps) skips every insertion
+                has_carriers = not runtime.found_none(carriers)
+        else:
+            runtime.forget_carriers()
+        return _Forward(
+            valid=shared.valid,
+            kinds=shared.kinds,
+            carriers=carriers,
+            mask=shared.mask,
+            kind=shared.kind,
+            has_carriers=has_carriers,
+            pending=pending,
+        )
 
     def _carrier_detection(self, hidden, shared: _Tokens, threshold: torch.Tensor):
         """The detection of a short sequence's carriers, for later: one pass over
