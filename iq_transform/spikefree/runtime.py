@@ -828,10 +828,12 @@ class LayerRuntime:
         (:func:`~iq_transform.spikefree.norm_rows.fused_norm_templates`) wherever
         the fused kernel runs, and run the norm itself everywhere else."""
 
+        epsilon = _norm_epsilon(norm)  # read once: not an attribute lookup a call
+
         def forward(module, hidden_states, *args, **kwargs):
             if not args and not kwargs and module is norm:
                 output = self._fused_norm_output(
-                    name, norm, hidden_states, cast_before_weight
+                    name, norm, hidden_states, cast_before_weight, epsilon
                 )
                 if output is not None:
                     return output
@@ -860,7 +862,12 @@ class LayerRuntime:
         self._norms_seen, self._settled_for = None, None
 
     def _fused_norm_output(
-        self, name: str, norm: nn.Module, hidden: torch.Tensor, cast_before_weight: bool
+        self,
+        name: str,
+        norm: nn.Module,
+        hidden: torch.Tensor,
+        cast_before_weight: bool,
+        epsilon: float,
     ) -> torch.Tensor | None:
         """The norm's output with its template rows, or ``None`` where the fused
         kernel does not apply (the norm then runs, and its hook inserts)."""
@@ -894,7 +901,7 @@ class LayerRuntime:
             output, rows = fused_norm_templates(
                 hidden,
                 weight,
-                _norm_epsilon(norm),
+                epsilon,
                 threshold=layer_templates.residual_threshold,
                 valid=state.mask,
                 record=self.runtime._record(hidden),
@@ -907,7 +914,7 @@ class LayerRuntime:
             if rows.shape != hidden.shape[:-1]:
                 return None
             output, _ = fused_norm_templates(
-                hidden, weight, _norm_epsilon(norm), rows=rows, **arguments
+                hidden, weight, epsilon, rows=rows, **arguments
             )
         state.fused.add(name)
         return output

@@ -11,10 +11,11 @@ through ``kernel[grid]``, which compiles; Triton's interpreter
 (``TRITON_INTERPRET=1``) always does.
 
 Measured on the H200's host (``benchmarks/launch_costs.py``): ``CompiledKernel.run``
-alone takes 6-10 us, ``kernel[grid]`` 17-27 us, and this class 16-35 us: the
-argument tuples, the key and the caller's views cost as much as Triton's binder.
-What would cut the host time is binding a site's arguments once (they are the
-same tensors' shapes at every layer), not a faster lookup.
+alone takes 6-10 us, ``kernel[grid]`` 17-27 us, and a launch that builds its
+constants and key at every call 16-35 us: the argument tuples, the key and the
+caller's views cost as much as Triton's binder. So a call site binds its
+constants and options once (:meth:`FastLaunch.bind`, cached per combination by the
+runtime's kernels), and each launch keys only its arguments.
 """
 
 from __future__ import annotations
