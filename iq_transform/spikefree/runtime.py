@@ -703,7 +703,7 @@ class LayerRuntime:
         set_excluded_rows(state.carriers)
         # the norms and linears act on carriers only: a layer that knows it has
         # none (a decode step on the host, mostly) leaves them as they are
-        sequence = runtime._sequence if runtime._in_forward else None
+        sequence = runtime.sequence
         if (collecting or state.has_carriers) and (
             sequence is None or self._settled_for is not sequence
         ):
