@@ -1,6 +1,6 @@
 """The runtime's host-side shortcuts change no output: where reading a row mask
 costs nothing (the CPU), a decode step whose token carries no spike skips every
-insertion; norms are looked up and checked again only when one is replaced; the
+insertion and leaves its norms and linears unhooked; norms are looked up and checked again only when one is replaced; the
 module attributes the hot path reads are read without ``nn.Module.__getattr__``."""
 
 import copy
@@ -35,14 +35,22 @@ def test_a_decode_step_reads_its_rows_on_the_host_and_skips_what_it_can(
     host = _decode_logits(model, prompt, step, insertions.clear)
     handled = get_runtime(model).last_spike_tokens.clone()
     host_insertions = len(insertions)
+    # a layer that knows it has no carrier takes its norm and linear hooks out
+    runtime = get_runtime(model)
+    hooked = sum(
+        _runtime_hooks(module, runtime)
+        for layer in runtime.layers
+        if layer.templates is not None and layer.templates.norm_templates
+        for module in (layer.layer.input_layernorm, layer.layer.self_attn.q_proj)
+    )
     monkeypatch.setattr(runtime_module, "HOST_INDEXED_DEVICES", set())
     device = _decode_logits(model, prompt, step)
     torch.testing.assert_close(host, device, rtol=0, atol=0)
     assert torch.equal(handled, get_runtime(model).last_spike_tokens)
     if token == "\n":  # a carrier: its rows are written on both paths
-        assert handled.all() and host_insertions > 0
-    else:  # no carrier: nothing is inserted at all on the host path
-        assert not handled.any() and host_insertions == 0
+        assert handled.all() and host_insertions > 0 and hooked > 0
+    else:  # no carrier: nothing is inserted, nothing is hooked on the host path
+        assert not handled.any() and host_insertions == 0 and hooked == 0
 
 
 def test_a_short_host_sequence_under_the_threshold_is_decided_by_one_reduction(
