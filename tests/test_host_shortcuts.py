@@ -1,7 +1,8 @@
 """The runtime's host-side shortcuts change no output: where reading a row mask
 costs nothing (the CPU), a decode step whose token carries no spike skips every
-insertion and leaves its norms and linears unhooked; norms are looked up and checked again only when one is replaced; the
-module attributes the hot path reads are read without ``nn.Module.__getattr__``."""
+insertion and leaves its norms and linears unhooked; norms are looked up and
+checked again only when one is replaced; the module attributes the hot path reads
+are read without ``nn.Module.__getattr__``."""
 
 import copy
 
