@@ -730,8 +730,8 @@ class LayerRuntime:
         no carrier (most decode steps): each would return at once, but a hooked
         call is its module's slow one, several microseconds between a model's ops
         (an int8 SmolLM2 decode step hooks seven modules a layer with them, two
-        without: 1.06 -> 1.04-1.05 of the step). The next forward with carriers
-        hooks them again; fused norms keep their forward."""
+        without). The next forward with carriers hooks them again; fused norms
+        keep their forward."""
         _remove_hooks(self._norm_handles.values())
         self._norm_handles.clear()
         self._remove_linear_hooks()
