@@ -398,7 +398,14 @@ def test_a_detached_runtime_leaves_no_hook_and_comes_back_in_order(
 
 
 def test_the_launch_key_separates_what_triton_compiles_apart():
-    from iq_transform.spikefree.triton_launch import launch_key
+    """A launch's compiled kernel is found by its bound launch (one per constants
+    and options) and its arguments' key."""
+    from iq_transform.spikefree.triton_launch import FastLaunch, arguments_key
+
+    kernel = FastLaunch(None)
+
+    def launch_key(device, args, constants, options):
+        return kernel.bind(constants, **options), arguments_key(device, args)
 
     data = torch.zeros(64)
     aligned, misaligned = data[:32], data[1:33]  # 4-byte offset

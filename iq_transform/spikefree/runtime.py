@@ -678,10 +678,15 @@ class LayerRuntime:
         self._settled_for = None
 
     def _remove_norm_hooks(self) -> None:
+        self._unhook_norms()
+        self._unfuse_norms()
+
+    def _unhook_norms(self) -> None:
+        """Take the norms' hooks out (fused norms keep their forward); the next
+        forward with carriers checks the norms again."""
         _remove_hooks(self._norm_handles.values())
         self._norm_handles.clear()
         self._norms_seen, self._settled_for = None, None
-        self._unfuse_norms()
 
     # -- hooks -----------------------------------------------------------------
     def _before_layer(self, module, args, kwargs):
@@ -704,17 +709,14 @@ class LayerRuntime:
         # the norms and linears act on carriers only: a layer that knows it has
         # none (a decode step on the host, mostly) leaves them as they are
         sequence = runtime.sequence
-        if (collecting or state.has_carriers) and (
-            sequence is None or self._settled_for is not sequence
-        ):
+        inserts = collecting or state.has_carriers
+        if inserts and (sequence is None or self._settled_for is not sequence):
             if collecting or self._templates.norm_templates:
                 self._hook_norms(hidden)
             if self._exact_row_sites:
                 self._hook_linears()
             self._settled_for = sequence
-        elif not (collecting or state.has_carriers) and (
-            self._norm_handles or self._linear_handles
-        ):
+        elif not inserts and (self._norm_handles or self._linear_handles):
             self._unhook_insertions()
         if self._down_hook_ids is not None and (
             sequence is None or self._down_settled_for is not sequence
@@ -732,10 +734,8 @@ class LayerRuntime:
         (an int8 SmolLM2 decode step hooks seven modules a layer with them, two
         without). The next forward with carriers hooks them again; fused norms
         keep their forward."""
-        _remove_hooks(self._norm_handles.values())
-        self._norm_handles.clear()
+        self._unhook_norms()
         self._remove_linear_hooks()
-        self._norms_seen, self._settled_for = None, None
 
     def _collecting_state(self, hidden: torch.Tensor, cache) -> _Forward:
         """Calibration: the layer input's carriers, recorded into the statistics."""

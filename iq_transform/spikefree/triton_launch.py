@@ -24,7 +24,7 @@ from collections.abc import Sequence
 
 import torch
 
-__all__ = ["BoundLaunch", "FastLaunch", "arguments_key", "launch_key"]
+__all__ = ["BoundLaunch", "FastLaunch", "arguments_key"]
 
 try:
     from triton import knobs
@@ -33,12 +33,6 @@ except ImportError:  # CPU-only installs, or a Triton without these
     knobs = CompiledKernel = None
 
 _INT32 = range(-(2**31), 2**31)
-
-
-def launch_key(device: int, args: Sequence, constants: dict, options: dict) -> tuple:
-    """The compiled kernel a launch needs: equal keys, the same compiled kernel
-    (the constants and options, then :func:`arguments_key`)."""
-    return (*constants.items(), *options.items(), *arguments_key(device, args))
 
 
 def arguments_key(device: int, args: Sequence) -> tuple:
