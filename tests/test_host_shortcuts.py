@@ -5,6 +5,7 @@ checked again only when one is replaced; the module attributes the hot path read
 are read without ``nn.Module.__getattr__``."""
 
 import copy
+import dataclasses
 
 import pytest
 import torch
@@ -52,6 +53,53 @@ def test_a_decode_step_reads_its_rows_on_the_host_and_skips_what_it_can(
         assert handled.all() and host_insertions > 0 and hooked > 0
     else:  # no carrier: nothing is inserted, nothing is hooked on the host path
         assert not handled.any() and host_insertions == 0 and hooked == 0
+
+
+def test_a_decode_step_without_carriers_still_finds_the_spike_its_mlp_makes(
+    w8a8_rtn_on_device, calibration, monkeypatch
+):
+    """A layer whose input has no carrier can make a spike in its MLP: the host's
+    one reduction over the ``down_proj`` input finds it, and its row gets the
+    output template as on the device path (here every row of the first layer
+    with an output template, its ``down_proj`` threshold lowered to zero)."""
+    model, tokenizer = w8a8_rtn_on_device
+    runtime = get_runtime(model)
+    layer = next(lr for lr in runtime.layers if lr.templates.down_template is not None)
+    templates = layer.templates
+    lowered = dataclasses.replace(
+        templates, down_threshold=torch.zeros_like(templates.down_threshold)
+    )
+    prompt = calibration[:2, :40].to(DEVICE)
+    step = torch.tensor([tokenizer("a").input_ids[-1]] * 2, device=DEVICE)[:, None]
+    original = runtime_module.LayerRuntime._after_down_proj
+    seen = []
+
+    def after_down_proj(self, module, args, output):
+        inserted = original(self, module, args, output)
+        if self is layer:
+            seen.append((self.current.has_carriers, inserted is not None))
+        return inserted
+
+    expected_without = _decode_logits(model, prompt, step)
+    layer.templates = None  # its hooks out: registered again with the spy
+    monkeypatch.setattr(
+        runtime_module.LayerRuntime, "_after_down_proj", after_down_proj
+    )
+    insertions = count_calls(monkeypatch, runtime_module, "insert_templates")
+    host_indexed = {torch.device(DEVICE).type}
+    monkeypatch.setattr(runtime_module, "HOST_INDEXED_DEVICES", host_indexed)
+    layer.templates = lowered
+    try:
+        host = _decode_logits(model, prompt, step, insertions.clear)
+        assert seen[-1] == (False, True) and insertions  # no carrier, a spike
+        monkeypatch.setattr(runtime_module, "HOST_INDEXED_DEVICES", set())
+        device = _decode_logits(model, prompt, step)
+    finally:
+        layer.templates = None
+        monkeypatch.undo()
+        layer.templates = templates
+    torch.testing.assert_close(host, device, rtol=0, atol=0)
+    assert not torch.equal(host, expected_without)
 
 
 def test_a_short_host_sequence_under_the_threshold_is_decided_by_one_reduction(

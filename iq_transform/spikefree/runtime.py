@@ -410,6 +410,9 @@ class _Forward:
     pending: tuple | None = None
     # norms whose output the fused kernel computed with its template rows
     fused: set = field(default_factory=set)
+    # a short sequence (a decode step) on a host-indexed device: a site with no
+    # carrier to add is decided by one reduction the host reads for free
+    host_short: bool = False
 
     def rows(self) -> torch.Tensor:
         """The carriers, detected now if they are still pending."""
@@ -767,9 +770,14 @@ class LayerRuntime:
         templates = self.resident_templates(hidden.device)
         carriers, pending = shared.no_carriers, None
         has_carriers = bool(templates.norm_templates)
+        host_short = _indexed(hidden) and hidden.shape[-2] < MIN_TOKENS_FOR_MEDIAN
         if has_carriers:
             threshold = templates.residual_threshold
-            if not _indexed(hidden) and row_detector(hidden) is not None:
+            if host_short and not _exceeds_on_host(hidden, threshold):
+                # no activation over the threshold: no carrier, and every
+                # insertion of the layer is skipped
+                carriers, has_carriers = runtime.no_rows(hidden), False
+            elif not _indexed(hidden) and row_detector(hidden) is not None:
                 pending = (hidden, self._carrier_detection(hidden, shared, threshold))
                 carriers = None
                 runtime.forget_carriers()
@@ -790,6 +798,7 @@ class LayerRuntime:
             kind=shared.kind,
             has_carriers=has_carriers,
             pending=pending,
+            host_short=host_short,
         )
 
     def _carrier_detection(self, hidden, shared: _Tokens, threshold: torch.Tensor):
@@ -1122,6 +1131,12 @@ class LayerRuntime:
         templates = self.resident_templates(hidden.device)
         if templates.down_template is None:
             return None
+        if (
+            state.host_short
+            and not state.has_carriers
+            and not _exceeds_on_host(hidden, templates.down_threshold)
+        ):
+            return None  # no spike row (a decode step on the host, mostly)
         if self._down_rows_stay_apart:
             # nothing else sees the spike rows: they are found after the product,
             # with the output write (one pass on a decode step), and not zeroed
