@@ -15,8 +15,14 @@ such windows, plus a row with no spike token at all. On CUDA, ``--sync-check`` r
 a prefill and a decode step under ``torch.cuda.set_sync_debug_mode("error")`` and
 ``--graph`` captures a decode step (static KV cache) in a CUDA graph with the
 runtime installed and removed, and times its replays against eager steps.
+``--execute int8_cpu`` times a real model after ``--recipe`` (W8A8 static +
+SpikeFree) run in the int8 CPU kernels (:func:`iq_transform.kernels.to_int8_cpu`):
+the runtime's own share of the executed model, with more interleaved pairs than
+``speed_cpu.py`` takes.
 
     python benchmarks/runtime_overhead.py --model smollm2-135m
+    python benchmarks/runtime_overhead.py --model smollm2-135m --execute int8_cpu \
+        --shapes 1x512 8x512 --cached 512
     python benchmarks/runtime_overhead.py --model llama3-8b-planted --device cuda \
         --dtype bfloat16 --shapes 1x2048 8x2048 --sync-check --graph
 """
@@ -37,6 +43,7 @@ from iq_transform import SpikeFreeModifier, get_runtime
 from iq_transform.composition.pipeline import apply_recipe
 from iq_transform.evaluation.data import TextSource, calibration_windows, load_documents
 from iq_transform.evaluation.host_syncs import count_host_syncs
+from iq_transform.kernels import to_int8_cpu
 from iq_transform.models import load_model
 from iq_transform.spikefree.norm_rows import fused_norm_templates
 from iq_transform.spikefree.row_writes import triton_runs_on
@@ -393,8 +400,21 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--dtype", default="float32")
+    parser.add_argument(
+        "--execute",
+        choices=["int8_cpu"],
+        default=None,
+        help="a real model after --recipe, run in the int8 CPU kernels (to_int8_cpu)",
+    )
+    parser.add_argument(
+        "--recipe",
+        default="recipes/w8a8_static_spikefree.yaml",
+        help="with --execute: the W8A8 static recipe oneshot applies",
+    )
     parser.add_argument("--output", type=Path, default=None)
     args = parser.parse_args()
+    if args.execute and (args.device != "cpu" or args.model == "llama3-8b-planted"):
+        parser.error("--execute int8_cpu takes a real model on --device cpu")
     device = torch.device(args.device)
     shapes = [tuple(int(n) for n in shape.split("x")) for shape in args.shapes]
     longest = max([t for _, t in shapes] + [args.cached + 1])
@@ -408,8 +428,12 @@ def main() -> None:
         model, tokenizer = load_model(args.model)
         documents = load_documents(TextSource(path="shared/brown/brown.txt"))
         calibration = calibration_windows(tokenizer, documents, 4, 512)
-        apply_recipe(model, tokenizer, [SpikeFreeModifier()], calibration)
-        model.to(device=device, dtype=getattr(torch, args.dtype))
+        recipe = args.recipe if args.execute else [SpikeFreeModifier()]
+        apply_recipe(model, tokenizer, recipe, calibration)
+        if args.execute == "int8_cpu":
+            model = to_int8_cpu(model, dtype=getattr(torch, args.dtype))
+        else:
+            model.to(device=device, dtype=getattr(torch, args.dtype))
         inputs = calibration_windows(tokenizer, documents, batch, longest, 7)
         inputs = inputs.to(device)
     runtime = get_runtime(model)
@@ -487,7 +511,8 @@ def main() -> None:
             checks["cuda_graph_decode"] = f"{type(error).__name__}: {error}"[:300]
         print(json.dumps(checks["cuda_graph_decode"]), flush=True)
     print(
-        f"| {args.model} {args.device} {args.dtype} | without (s) | with (s) | ratio "
+        f"| {args.model} {args.execute or args.device} {args.dtype} | without (s) "
+        "| with (s) | ratio "
         "| host syncs without / with | hooked module calls without / with |"
     )
     print("|---|---|---|---|---|---|")
@@ -513,6 +538,9 @@ def main() -> None:
             "model": args.model,
             "device": args.device,
             "dtype": args.dtype,
+            "execute": args.execute,
+            "recipe": args.recipe if args.execute else None,
+            "int8_linears": sum(hasattr(m, "int8_kernel") for m in model.modules()),
             "threads": torch.get_num_threads(),
             "torch": torch.__version__,
             "gpu": torch.cuda.get_device_name() if device.type == "cuda" else None,

@@ -400,3 +400,27 @@ def test_executed_rotations_follow_the_fake_quantized_model(
             assert type(_rotation_of(module)) is type(input_rotation(module))
     with torch.no_grad():
         assert_follows(dense(planted_windows).logits, expected)
+
+
+def test_the_runtime_overhead_benchmark_times_the_executed_model(tmp_path):
+    """``benchmarks/runtime_overhead.py --execute int8_cpu`` times the runtime in
+    the model ``to_int8_cpu`` made right after oneshot: its linears run the int8
+    kernels, and only the installed runtime hooks modules (oneshot's onload hooks
+    went with its dispatch)."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parent.parent
+    output = tmp_path / "overhead.json"
+    command = [
+        *(sys.executable, "benchmarks/runtime_overhead.py", "--model", "tiny-planted"),
+        *("--execute", "int8_cpu", "--shapes", "1x64", "--cached", "32"),
+        *("--repeats", "1", "--output", str(output)),
+    ]
+    run = subprocess.run(command, cwd=root, capture_output=True, text=True)
+    assert run.returncode == 0, run.stdout[-2000:] + run.stderr[-2000:]
+    report = json.loads(output.read_text())
+    assert report["execute"] == "int8_cpu" and report["int8_linears"] == 6 * 7
+    for row in report["rows"].values():
+        assert row["hooked_calls_without"] == 0 < row["hooked_calls_with"]

@@ -15,7 +15,11 @@ from iq_transform.composition.config import ModelConfig, TextConfig
 from iq_transform.composition.pipeline import apply_recipe, evaluate, resolve_recipe
 from iq_transform.models import TOY_MODEL, load_model
 from iq_transform.models.loading import _max_memory
-from iq_transform.models.offload import is_offloaded, onload_once_per_forward
+from iq_transform.models.offload import (
+    is_offloaded,
+    move_model,
+    onload_once_per_forward,
+)
 from tests.test_cli import REPO, run_app
 from tests.test_stages import counted_weight_quantizations
 from tests.test_sweep import TINY
@@ -104,6 +108,38 @@ def test_offloaded_to_disk_quantizes_like_in_memory(
         second = model(input_ids=ids).logits
     assert len(calls) == once
     assert torch.equal(first, second)
+
+
+def _onload_hooks(model: torch.nn.Module) -> int:
+    return sum(
+        getattr(hook, "leaves_inputs_alone", False)
+        for module in model.modules()
+        for hook in [
+            *module._forward_pre_hooks.values(),
+            *module._forward_hooks.values(),
+        ]
+    )
+
+
+def test_a_model_moved_for_good_keeps_no_onload_hooks():
+    """oneshot leaves an in-memory model dispatched, its quantized modules hooked
+    to onload once per forward; moved for good (as ``to_int8_cpu`` and the GPU
+    paths do), nothing is offloaded and the hooks, which would make every call of
+    those modules the slow one, go too. The logits stay."""
+    model, tokenizer = load_model(TOY_MODEL)
+    quantized_ppl(model, tokenizer)
+    assert any(is_offloaded(module) for module in model.modules())
+    assert _onload_hooks(model) > 0
+    ids = tokenizer("The quick brown fox jumps", return_tensors="pt").input_ids
+    with torch.no_grad():
+        before = model(input_ids=ids).logits
+    move_model(model, "cpu")
+    assert not any(is_offloaded(module) for module in model.modules())
+    assert _onload_hooks(model) == 0
+    with torch.no_grad():
+        moved = model(input_ids=ids).logits
+    assert torch.equal(moved, before)
+    assert onload_once_per_forward(model) == 0  # nothing offloaded to hook
 
 
 def test_max_memory_needs_a_device_map_and_a_mapping():

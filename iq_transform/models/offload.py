@@ -51,6 +51,8 @@ def move_model(model: nn.Module, device: torch.device | str) -> nn.Module:
     """
     if any(is_offloaded(module) for module in model.modules()):
         remove_dispatch(model)
+        for module in model.modules():
+            _remove_onload_hooks(module)
     return model.to(device)
 
 
@@ -86,6 +88,26 @@ def onload_once_per_forward(model: nn.Module) -> int:
     if hooked:
         logger.debug(f"{hooked} offloaded quantized modules onload once per forward")
     return hooked
+
+
+def _remove_onload_hooks(module: nn.Module) -> None:
+    """Take out the hooks :func:`onload_once_per_forward` gave ``module``: once
+    nothing is offloaded they only make each call the slow one (an int8 linear
+    after oneshot was called through them at every forward)."""
+    if not getattr(module, HOOKED_ATTR, False):
+        return
+    for hooks, function in (
+        (module._forward_pre_hooks, _keep_onloaded),
+        (module._forward_hooks, _release),
+    ):
+        for hook_id in [
+            hook_id
+            for hook_id, hook in hooks.items()
+            if getattr(hook, "func", None) is function
+        ]:
+            del hooks[hook_id]
+            module._forward_hooks_always_called.pop(hook_id, None)
+    delattr(module, HOOKED_ATTR)
 
 
 def _keep_onloaded(stacks: list[ExitStack], module: nn.Module, args: tuple) -> None:
