@@ -34,6 +34,7 @@ import iq_transform.spikefree.row_decisions as row_decisions
 import iq_transform.spikefree.row_writes as row_writes
 import iq_transform.spikefree.runtime as runtime_module
 import iq_transform.spikefree.triton_launch as triton_launch
+from iq_transform.models.offload import move_model
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import runtime_overhead  # noqa: E402
@@ -80,7 +81,7 @@ def main() -> None:
     torch.set_num_threads(1)
     device = torch.device("cpu")
     model, inputs, _ = runtime_overhead.planted_8b(args, device)
-    model.to(dtype=torch.bfloat16)
+    move_model(model, device).to(dtype=torch.bfloat16)  # served: no dispatch
     ids = inputs(1, args.cached + 1)
     layers = runtime_module.get_runtime(model).layers
     templates = [layer.templates for layer in layers]

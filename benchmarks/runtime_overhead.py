@@ -2,7 +2,11 @@
 
 The same model is timed with its runtime's templates installed and removed, side
 by side (interleaved runs, medians): prefill at each ``--shapes`` entry and a
-decode step with ``--cached`` tokens in the KV cache. Each row also gives the
+decode step with ``--cached`` tokens in the KV cache. After calibration the model
+is moved for good (:func:`iq_transform.models.offload.move_model`), as a saved
+and reloaded model runs: oneshot leaves every module wrapped by compressed-tensors'
+offloading, whose per-call host time (a fifth of the host proxy's decode step)
+would dilute the runtime's. Each row also gives the
 host-synchronizing operations of one forward
 (:func:`iq_transform.evaluation.host_syncs.count_host_syncs`) and, on CUDA, the
 kernels it launches (``torch.profiler``).
@@ -45,6 +49,7 @@ from iq_transform.evaluation.data import TextSource, calibration_windows, load_d
 from iq_transform.evaluation.host_syncs import count_host_syncs
 from iq_transform.kernels import to_int8_cpu
 from iq_transform.models import load_model
+from iq_transform.models.offload import move_model
 from iq_transform.spikefree.norm_rows import fused_norm_templates
 from iq_transform.spikefree.row_writes import triton_runs_on
 
@@ -422,7 +427,7 @@ def main() -> None:
     no_spikes = None
     if args.model == "llama3-8b-planted":
         model, make_inputs, no_spikes = planted_8b(args, device)
-        model.to(device=device, dtype=getattr(torch, args.dtype))
+        move_model(model, device).to(dtype=getattr(torch, args.dtype))
         inputs = make_inputs(batch, longest).to(device)
     else:
         model, tokenizer = load_model(args.model)
@@ -433,7 +438,7 @@ def main() -> None:
         if args.execute == "int8_cpu":
             model = to_int8_cpu(model, dtype=getattr(torch, args.dtype))
         else:
-            model.to(device=device, dtype=getattr(torch, args.dtype))
+            move_model(model, device).to(dtype=getattr(torch, args.dtype))
         inputs = calibration_windows(tokenizer, documents, batch, longest, 7)
         inputs = inputs.to(device)
     runtime = get_runtime(model)
