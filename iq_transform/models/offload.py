@@ -28,7 +28,7 @@ from torch import nn
 
 __all__ = ["is_offloaded", "move_model", "onload_once_per_forward"]
 
-# marks a module that already carries the hooks
+# a module's onload hooks (their handles), once it carries them
 HOOKED_ATTR = "_iq_onload_once_per_forward"
 
 
@@ -81,9 +81,11 @@ def onload_once_per_forward(model: nn.Module) -> int:
         keep_onloaded.leaves_inputs_alone = True
         release = partial(_release, stacks)
         release.leaves_inputs_alone = True  # nor does the runtime count it a reader
-        module.register_forward_pre_hook(keep_onloaded)
-        module.register_forward_hook(release, always_call=True)
-        setattr(module, HOOKED_ATTR, True)
+        handles = (
+            module.register_forward_pre_hook(keep_onloaded),
+            module.register_forward_hook(release, always_call=True),
+        )
+        setattr(module, HOOKED_ATTR, handles)
         hooked += 1
     if hooked:
         logger.debug(f"{hooked} offloaded quantized modules onload once per forward")
@@ -94,20 +96,8 @@ def _remove_onload_hooks(module: nn.Module) -> None:
     """Take out the hooks :func:`onload_once_per_forward` gave ``module``: once
     nothing is offloaded they only make each call the slow one (an int8 linear
     after oneshot was called through them at every forward)."""
-    if not getattr(module, HOOKED_ATTR, False):
-        return
-    for hooks, function in (
-        (module._forward_pre_hooks, _keep_onloaded),
-        (module._forward_hooks, _release),
-    ):
-        for hook_id in [
-            hook_id
-            for hook_id, hook in hooks.items()
-            if getattr(hook, "func", None) is function
-        ]:
-            del hooks[hook_id]
-            module._forward_hooks_always_called.pop(hook_id, None)
-    delattr(module, HOOKED_ATTR)
+    for handle in vars(module).pop(HOOKED_ATTR, ()):
+        handle.remove()
 
 
 def _keep_onloaded(stacks: list[ExitStack], module: nn.Module, args: tuple) -> None:

@@ -117,6 +117,13 @@ def _indexed(tensor: torch.Tensor) -> bool:
     return tensor.device.type in HOST_INDEXED_DEVICES
 
 
+def _short_on_host(hidden: torch.Tensor, indexed: bool) -> bool:
+    """A sequence too short for a median (a decode step) on a host-indexed
+    device: where one reduction the host reads for free tells whether any row can
+    be a spike row (:func:`_exceeds_on_host`)."""
+    return indexed and hidden.shape[-2] < MIN_TOKENS_FOR_MEDIAN
+
+
 # Outputs on these devices, at least this large, get their spike rows written in
 # place by one Triton launch that moves only those rows
 # (:mod:`iq_transform.spikefree.row_writes`); ``torch.where`` reads and writes every
@@ -770,14 +777,15 @@ class LayerRuntime:
         templates = self.resident_templates(hidden.device)
         carriers, pending = shared.no_carriers, None
         has_carriers = bool(templates.norm_templates)
-        host_short = _indexed(hidden) and hidden.shape[-2] < MIN_TOKENS_FOR_MEDIAN
+        indexed = _indexed(hidden)
+        host_short = _short_on_host(hidden, indexed)
         if has_carriers:
             threshold = templates.residual_threshold
             if host_short and not _exceeds_on_host(hidden, threshold):
                 # no activation over the threshold: no carrier, and every
                 # insertion of the layer is skipped
                 carriers, has_carriers = runtime.no_rows(hidden), False
-            elif not _indexed(hidden) and row_detector(hidden) is not None:
+            elif not indexed and row_detector(hidden) is not None:
                 pending = (hidden, self._carrier_detection(hidden, shared, threshold))
                 carriers = None
                 runtime.forget_carriers()
@@ -1523,8 +1531,7 @@ class SpikeFreeRuntime:
             raise ValueError("write= needs the short-sequence detection kernel")
         if (
             also is None
-            and hidden.shape[-2] < MIN_TOKENS_FOR_MEDIAN
-            and _indexed(hidden)
+            and _short_on_host(hidden, _indexed(hidden))
             and not _exceeds_on_host(hidden, threshold)
         ):
             # a short sequence on the host (a decode step) without one activation
