@@ -114,7 +114,8 @@ def _indexed_device(device: torch.device | str) -> torch.device:
 
 
 def _indexed(tensor: torch.Tensor) -> bool:
-    return tensor.device.type in HOST_INDEXED_DEVICES
+    # ``is_cpu`` spares building a device object at every site of a decode step
+    return ("cpu" if tensor.is_cpu else tensor.device.type) in HOST_INDEXED_DEVICES
 
 
 def _short_on_host(hidden: torch.Tensor, indexed: bool) -> bool:
@@ -285,12 +286,14 @@ _CAST_BEFORE_WEIGHT_NORMS = frozenset(
 _FLOAT32_WEIGHT_NORMS = frozenset({"GemmaRMSNorm", "Gemma2RMSNorm", "Gemma3RMSNorm"})
 
 
-def _exceeds_on_host(hidden: torch.Tensor, threshold: torch.Tensor) -> bool:
+def _exceeds_on_host(hidden: torch.Tensor, threshold: torch.Tensor | float) -> bool:
     """Whether any |x| of a host tensor exceeds ``threshold``: one reduction for
     both extremes, read by the host (an ``abs`` and an ``amax`` cost two ops and
     a copy)."""
+    if isinstance(threshold, torch.Tensor):
+        threshold = threshold.item()
     low, high = hidden.detach().aminmax()
-    return max(high.item(), -low.item()) > threshold.item()
+    return max(high.item(), -low.item()) > threshold
 
 
 def _remove_hooks(handles) -> None:
@@ -417,9 +420,10 @@ class _Forward:
     pending: tuple | None = None
     # norms whose output the fused kernel computed with its template rows
     fused: set = field(default_factory=set)
-    # a short sequence (a decode step) on a host-indexed device: a site with no
-    # carrier to add is decided by one reduction the host reads for free
-    host_short: bool = False
+    # a short sequence (a decode step) on a host-indexed device whose layer input
+    # has no carrier: the down_proj threshold as a host float, so the down_proj
+    # site is decided by one reduction the host reads for free
+    down_limit: float | None = None
 
     def rows(self) -> torch.Tensor:
         """The carriers, detected now if they are still pending."""
@@ -547,6 +551,9 @@ class LayerRuntime:
         self._carries = False  # the templates carry spikes
         self._resident: LayerTemplates | None = None
         self._resident_device: torch.device | None = None
+        # (resident templates, their residual and down_proj thresholds as floats),
+        # read once where the host reads them for free
+        self._host_thresholds: tuple[LayerTemplates, float, float] | None = None
         # per norm: (key, template rows scaled by the norm's weight, in its dtype)
         self._norm_values: dict[str, tuple[tuple, torch.Tensor]] = {}
         # (key, the down_proj output template in the output's dtype and device)
@@ -609,6 +616,16 @@ class LayerRuntime:
         self._resident = self._templates.to(device)
         self._resident_device = self._resident.device
         return self._resident
+
+    def _thresholds_on_host(self, templates: LayerTemplates) -> tuple[float, float]:
+        """The residual and ``down_proj`` thresholds of resident host templates as
+        floats (a decode step's checks would otherwise read them at every site)."""
+        cached = self._host_thresholds
+        if cached is None or cached[0] is not templates:
+            residual = templates.residual_threshold.item()
+            cached = (templates, residual, templates.down_threshold.item())
+            self._host_thresholds = cached
+        return cached[1], cached[2]
 
     @property
     def collecting(self) -> bool:
@@ -770,18 +787,20 @@ class LayerRuntime:
     def _inference_state(self, hidden: torch.Tensor, cache) -> _Forward:
         """Inference: the layer input's carriers, found now or (a short sequence
         where the detection kernel runs) by the first norm's pass."""
-        runtime = self.runtime
+        runtime, device = self.runtime, hidden.device
         shared = runtime.tokens(
-            hidden.shape[0], hidden.shape[1], hidden.device, cache, self._layer_index
+            hidden.shape[0], hidden.shape[1], device, cache, self._layer_index
         )
-        templates = self.resident_templates(hidden.device)
-        carriers, pending = shared.no_carriers, None
+        templates = self.resident_templates(device)
+        carriers, pending, down_limit = shared.no_carriers, None, None
         has_carriers = bool(templates.norm_templates)
         indexed = _indexed(hidden)
         host_short = _short_on_host(hidden, indexed)
+        if host_short:
+            residual_limit, down_limit = self._thresholds_on_host(templates)
         if has_carriers:
             threshold = templates.residual_threshold
-            if host_short and not _exceeds_on_host(hidden, threshold):
+            if host_short and not _exceeds_on_host(hidden, residual_limit):
                 # no activation over the threshold: no carrier, and every
                 # insertion of the layer is skipped
                 carriers, has_carriers = runtime.no_rows(hidden), False
@@ -798,6 +817,7 @@ class LayerRuntime:
                 has_carriers = not runtime.found_none(carriers)
         else:
             runtime.forget_carriers()
+        no_down_template = templates.down_template is None
         return _Forward(
             valid=shared.valid,
             kinds=shared.kinds,
@@ -806,7 +826,7 @@ class LayerRuntime:
             kind=shared.kind,
             has_carriers=has_carriers,
             pending=pending,
-            host_short=host_short,
+            down_limit=None if has_carriers or no_down_template else down_limit,
         )
 
     def _carrier_detection(self, hidden, shared: _Tokens, threshold: torch.Tensor):
@@ -1129,6 +1149,10 @@ class LayerRuntime:
         state, hidden = self.current, args[0]
         if state is None or hidden.is_meta:
             return None
+        if state.down_limit is not None and not _exceeds_on_host(
+            hidden, state.down_limit
+        ):
+            return None  # no spike row (a decode step on the host, mostly)
         if self.collecting:
             token_max = detect_token_max(hidden)
             detected = spike_token_mask(token_max, self.runtime.ratio, state.valid)
@@ -1139,12 +1163,6 @@ class LayerRuntime:
         templates = self.resident_templates(hidden.device)
         if templates.down_template is None:
             return None
-        if (
-            state.host_short
-            and not state.has_carriers
-            and not _exceeds_on_host(hidden, templates.down_threshold)
-        ):
-            return None  # no spike row (a decode step on the host, mostly)
         if self._down_rows_stay_apart:
             # nothing else sees the spike rows: they are found after the product,
             # with the output write (one pass on a decode step), and not zeroed
