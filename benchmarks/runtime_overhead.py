@@ -35,6 +35,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import functools
 import json
 import statistics
 import sys
@@ -163,6 +164,42 @@ def hooked_calls(run) -> int:
     return calls[0]
 
 
+def hook_seconds(run, model, runtime, runs: int) -> float:
+    """Median host seconds one ``run`` spends inside the runtime's hooks, over
+    ``runs`` calls: the runtime's own Python and the ops it issues, measured
+    apart from the model's (a ratio of two forwards moves by several per cent
+    on a noisy host; this does not). Not counted: ``nn.Module``'s dispatch of
+    the hooks, and norms whose forward the fused kernel replaced."""
+    ours, spent, wrapped = runtime.hook_ids(), [0.0], []
+
+    def timing(hook):
+        @functools.wraps(hook)
+        def timed_hook(*args, **kwargs):
+            start = time.perf_counter()
+            try:
+                return hook(*args, **kwargs)
+            finally:
+                spent[0] += time.perf_counter() - start
+
+        return timed_hook
+
+    for module in model.modules():
+        for hooks in (module._forward_pre_hooks, module._forward_hooks):
+            for key in ours & hooks.keys():
+                wrapped.append((hooks, key, hooks[key]))
+                hooks[key] = timing(hooks[key])
+    per_run = []
+    try:
+        for _ in range(runs):
+            spent[0] = 0.0
+            run()
+            per_run.append(spent[0])
+    finally:
+        for hooks, key, hook in wrapped:
+            hooks[key] = hook
+    return statistics.median(per_run)
+
+
 def cuda_kernels(run) -> int:
     """CUDA kernels (and memsets/copies) one call of ``run`` launches."""
     from torch.profiler import ProfilerActivity, profile
@@ -174,9 +211,10 @@ def cuda_kernels(run) -> int:
     return sum(1 for event in prof.events() if event.device_type == cuda)
 
 
-def side_by_side(run, layers, templates, device, repeats: int) -> dict:
+def side_by_side(run, model, layers, templates, device, repeats: int) -> dict:
     """Median seconds of every variant (interleaved runs); ``ratio`` is
-    installed over removed."""
+    installed over removed; ``hook_share`` the host time inside the runtime's
+    hooks over the removed forward."""
     names = variants(device)
     runs = {name: [] for name in names}
     syncs, kernels, hooked = {}, {}, {}
@@ -188,6 +226,8 @@ def side_by_side(run, layers, templates, device, repeats: int) -> dict:
         hooked[name] = hooked_calls(run)
         if device.type == "cuda":
             kernels[name] = cuda_kernels(run)
+        if name == INSTALLED:
+            in_hooks = hook_seconds(run, model, layers[0].runtime, repeats)
     settle = timed(run, device) < SETTLE_BELOW_S
     for _ in range(repeats):
         for name in names:
@@ -205,6 +245,8 @@ def side_by_side(run, layers, templates, device, repeats: int) -> dict:
         "host_syncs_with": syncs[INSTALLED],
         "hooked_calls_without": hooked[REMOVED],
         "hooked_calls_with": hooked[INSTALLED],
+        "hook_s": in_hooks,
+        "hook_share": in_hooks / medians[REMOVED],
         "runs_without_s": runs[REMOVED],
         "runs_with_s": runs[INSTALLED],
     }
@@ -451,6 +493,7 @@ def main() -> None:
             ids = inputs[:size, :tokens]
             rows[f"prefill {size}x{tokens}"] = side_by_side(
                 lambda ids=ids: model(input_ids=ids, use_cache=False),
+                model,
                 layers,
                 templates,
                 device,
@@ -461,6 +504,7 @@ def main() -> None:
             plain = no_spikes(inputs[:size, :tokens])
             rows[f"prefill {size}x{tokens}, no spike tokens"] = side_by_side(
                 lambda: model(input_ids=plain, use_cache=False),
+                model,
                 layers,
                 templates,
                 device,
@@ -483,7 +527,7 @@ def main() -> None:
             cache.crop(args.cached)
 
         rows[f"decode 1 (+{args.cached} cached)"] = side_by_side(
-            decode, layers, templates, device, max(args.repeats, DECODE_REPEATS)
+            decode, model, layers, templates, device, max(args.repeats, DECODE_REPEATS)
         )
         if args.profile and device.type == "cuda":
             size, tokens = shapes[0]
@@ -518,13 +562,15 @@ def main() -> None:
     print(
         f"| {args.model} {args.execute or args.device} {args.dtype} | without (s) "
         "| with (s) | ratio "
+        "| in the runtime's hooks (share of without) "
         "| host syncs without / with | hooked module calls without / with |"
     )
-    print("|---|---|---|---|---|---|")
+    print("|---|---|---|---|---|---|---|")
     for key, row in rows.items():
         print(
             f"| {key} | {row['without_s']:.4f} | {row['with_s']:.4f} | "
-            f"{row['ratio']:.3f} | {row['host_syncs_without']} / "
+            f"{row['ratio']:.3f} | {row['hook_s'] * 1e6:.0f} us "
+            f"({row['hook_share']:.2%}) | {row['host_syncs_without']} / "
             f"{row['host_syncs_with']} | {row['hooked_calls_without']} / "
             f"{row['hooked_calls_with']} |"
         )
