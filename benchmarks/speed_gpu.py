@@ -1,5 +1,6 @@
 """FP8 execution speed on a GPU: bf16 vs FP8 dynamic (eager, compiled, fused) vs
-FP8 static + SpikeFree fused, on random-weight Llama-shaped decoder stacks.
+FP8 static + SpikeFree fused, on random-weight Llama-shaped decoder stacks:
+prefill, an eager decode step, and a decode step replayed from a CUDA graph.
 
 Also times the fused norm kernel alone (K=4096) against its eager reference and the
 bandwidth floor, and measures the card's ceilings (copy bandwidth, bf16 and FP8
@@ -17,7 +18,7 @@ import statistics
 import time
 
 import torch
-from transformers import DynamicCache, LlamaConfig, LlamaModel
+from transformers import DynamicCache, LlamaConfig, LlamaModel, StaticCache
 
 from iq_transform.kernels import fused_norm as ops
 from iq_transform.kernels.fp8 import Fp8DecoderLayer
@@ -39,6 +40,7 @@ VARIANTS = (
     "static",
 )
 SPIKE_CHANNEL, SPIKE = 17, 1000.0
+GRAPH_DECODE = "decode in a CUDA graph, 2048 cached"
 
 
 _L2 = None
@@ -270,6 +272,40 @@ def _time_shape(model, batch, tokens, cached, hidden, repeats) -> float:
         return timed(run, repeats if not cached else 4 * repeats)
 
 
+def _time_graph_decode(model, batch, cached, hidden, repeats) -> float:
+    """Replay ms of a decode step on a static KV cache (``cached`` tokens in it)
+    captured in a CUDA graph, as servers run decode: an eager step of a few
+    layers is bound by the host's launches, a replay by the device."""
+    cache = StaticCache(config=model.config, max_cache_len=cached + 1)
+    with torch.no_grad():
+        model(inputs_embeds=spiked_inputs(batch, cached, hidden),
+              past_key_values=cache, use_cache=True)  # fmt: skip
+    step = spiked_inputs(batch, 1, hidden)
+    positions = torch.full((batch, 1), cached, device="cuda")
+    lengths = [layer.cumulative_length for layer in cache.layers]
+
+    def run():
+        for length in lengths:  # every replay writes position ``cached`` again
+            length.fill_(cached)
+        model(inputs_embeds=step, past_key_values=cache, use_cache=True,
+              position_ids=positions)  # fmt: skip
+
+    graph = torch.cuda.CUDAGraph()
+    with torch.no_grad():
+        stream = torch.cuda.Stream()
+        stream.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(stream):
+            for _ in range(3):  # compiles, autotunes and allocates before capture
+                run()
+        torch.cuda.current_stream().wait_stream(stream)
+        with torch.cuda.graph(graph):
+            run()
+    try:
+        return timed(graph.replay, 4 * repeats)
+    finally:
+        del graph
+
+
 def stack_table(name: str, layers: int, c: dict, repeats: int) -> list[dict]:
     model = build_stack(name, layers)
     hidden = model.config.hidden_size
@@ -287,7 +323,8 @@ def stack_table(name: str, layers: int, c: dict, repeats: int) -> list[dict]:
             for index, layer in enumerate(originals)
         ]
     shapes = (("prefill 1x2048", 1, 2048, 0), ("prefill 8x2048", 8, 2048, 0),
-              ("decode, 2048 cached", 1, 1, 2048))  # fmt: skip
+              ("decode, 2048 cached", 1, 1, 2048),
+              (GRAPH_DECODE, 1, 1, 2048))  # fmt: skip
     results = []
     reference = None
     check = spiked_inputs(1, 2048, hidden)
@@ -319,7 +356,15 @@ def stack_table(name: str, layers: int, c: dict, repeats: int) -> list[dict]:
         for attempt in range(2):
             for variant in VARIANTS:
                 model.layers = torch.nn.ModuleList(converted[variant])
-                ms = _time_shape(model, batch, tokens, cached, hidden, repeats)
+                error = None
+                if label != GRAPH_DECODE:
+                    ms = _time_shape(model, batch, tokens, cached, hidden, repeats)
+                else:
+                    try:
+                        ms = _time_graph_decode(model, batch, cached, hidden, repeats)
+                    except Exception as failure:  # noqa: BLE001 - reported
+                        ms, error = math.nan, f"{type(failure).__name__}: {failure}"
+                        torch.cuda.synchronize()
                 if attempt == 0:
                     first_pass[variant] = ms
                     continue
@@ -331,7 +376,7 @@ def stack_table(name: str, layers: int, c: dict, repeats: int) -> list[dict]:
                      "variant": variant, "ms": ms, "first_pass_ms": first_pass[variant],
                      "compute_floor_ms": compute, "bytes_floor_ms": memory,
                      "rel_error_vs_bf16": errors[variant],
-                     "host_syncs": syncs[variant]}
+                     "host_syncs": syncs[variant], "error": error}
                 )  # fmt: skip
                 print(json.dumps(results[-1]), flush=True)
     model.layers = torch.nn.ModuleList(originals)
@@ -396,7 +441,10 @@ def markdown(results: list[dict]) -> str:
             cells = {r["variant"]: r for r in rows if r["shape"] == shape}
             base = cells["bf16"]["ms"]
             text = [
-                f"{cells[v]['ms']:.2f} ({base / cells[v]['ms']:.2f}x)" for v in VARIANTS
+                f"{cells[v]['ms']:.2f} ({base / cells[v]['ms']:.2f}x)"
+                if math.isfinite(cells[v]["ms"])
+                else "not captured"
+                for v in VARIANTS
             ]
             b, f = cells["bf16"], cells["static"]
             text.append(
@@ -448,6 +496,9 @@ def main() -> None:
             f"{r['codes_differ_from_reference']:.1e} |"
         )
     print(markdown(results))
+    for r in results:
+        if r["error"]:
+            print(f"{r['widths']} {r['shape']} {r['variant']}: {r['error'][:300]}")
     if not math.isfinite(report["wall_s"]):
         raise SystemExit(1)
 
