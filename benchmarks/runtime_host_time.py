@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import argparse
 import collections
-import functools
 import sys
 import time
 from pathlib import Path
@@ -63,19 +62,13 @@ WRAPPED = {
 
 
 def timed(owner, name: str) -> None:
-    original = getattr(owner, name)
     label = f"{getattr(owner, '__name__', owner)}.{name}"
 
-    @functools.wraps(original)
-    def wrapper(*args, **kwargs):
-        start = time.perf_counter()
-        try:
-            return original(*args, **kwargs)
-        finally:
-            TOTAL[label] += time.perf_counter() - start
-            CALLS[label] += 1
+    def add(seconds: float) -> None:
+        TOTAL[label] += seconds
+        CALLS[label] += 1
 
-    setattr(owner, name, wrapper)
+    setattr(owner, name, runtime_overhead.with_timer(getattr(owner, name), add))
 
 
 def main() -> None:

@@ -164,36 +164,41 @@ def hooked_calls(run) -> int:
     return calls[0]
 
 
+def with_timer(function, spent):
+    """``function`` wrapped to call ``spent(seconds)`` with the host time of each
+    of its calls."""
+
+    @functools.wraps(function)
+    def timed_call(*args, **kwargs):
+        start = time.perf_counter()
+        try:
+            return function(*args, **kwargs)
+        finally:
+            spent(time.perf_counter() - start)
+
+    return timed_call
+
+
 def hook_seconds(run, model, runtime, runs: int) -> float:
     """Median host seconds one ``run`` spends inside the runtime's hooks, over
     ``runs`` calls: the runtime's own Python and the ops it issues, measured
     apart from the model's (a ratio of two forwards moves by several per cent
     on a noisy host; this does not). Not counted: ``nn.Module``'s dispatch of
     the hooks, and norms whose forward the fused kernel replaced."""
-    ours, spent, wrapped = runtime.hook_ids(), [0.0], []
+    ours, per_run, wrapped = runtime.hook_ids(), [], []
 
-    def timing(hook):
-        @functools.wraps(hook)
-        def timed_hook(*args, **kwargs):
-            start = time.perf_counter()
-            try:
-                return hook(*args, **kwargs)
-            finally:
-                spent[0] += time.perf_counter() - start
-
-        return timed_hook
+    def add(seconds: float) -> None:
+        per_run[-1] += seconds
 
     for module in model.modules():
         for hooks in (module._forward_pre_hooks, module._forward_hooks):
             for key in ours & hooks.keys():
                 wrapped.append((hooks, key, hooks[key]))
-                hooks[key] = timing(hooks[key])
-    per_run = []
+                hooks[key] = with_timer(hooks[key], add)
     try:
         for _ in range(runs):
-            spent[0] = 0.0
+            per_run.append(0.0)
             run()
-            per_run.append(spent[0])
     finally:
         for hooks, key, hook in wrapped:
             hooks[key] = hook
