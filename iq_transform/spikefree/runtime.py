@@ -817,7 +817,8 @@ class LayerRuntime:
                 has_carriers = not runtime.found_none(carriers)
         else:
             runtime.forget_carriers()
-        no_down_template = templates.down_template is None
+        if has_carriers or templates.down_template is None:
+            down_limit = None  # the down_proj hook takes its full path
         return _Forward(
             valid=shared.valid,
             kinds=shared.kinds,
@@ -826,7 +827,7 @@ class LayerRuntime:
             kind=shared.kind,
             has_carriers=has_carriers,
             pending=pending,
-            down_limit=None if has_carriers or no_down_template else down_limit,
+            down_limit=down_limit,
         )
 
     def _carrier_detection(self, hidden, shared: _Tokens, threshold: torch.Tensor):
