@@ -317,6 +317,22 @@ def sync_check(run, layers=None) -> str:
             handle.remove()
 
 
+def captured(run, warmups: int = 2) -> tuple[torch.cuda.CUDAGraph, object]:
+    """``run`` captured in a CUDA graph after ``warmups`` calls on a side stream
+    (allocation, compilation and autotuning happen before the capture):
+    ``(graph, what the captured call returned)``."""
+    graph = torch.cuda.CUDAGraph()
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        for _ in range(warmups):
+            run()
+    torch.cuda.current_stream().wait_stream(stream)
+    with torch.cuda.graph(graph):
+        output = run()
+    return graph, output
+
+
 def graph_decode(model, layers, templates, prompt, cached: int, repeats: int):
     """A decode step on a static KV cache (``cached`` tokens in it), captured in a
     CUDA graph with the runtime installed and removed: whether it captures, replay
@@ -358,16 +374,8 @@ def graph_decode(model, layers, templates, prompt, cached: int, repeats: int):
             for _ in range(3):
                 eager = decode().clone()
             row = {"eager_ms": eager_ms()}
-            graph = torch.cuda.CUDAGraph()
             try:
-                stream = torch.cuda.Stream()
-                stream.wait_stream(torch.cuda.current_stream())
-                with torch.cuda.stream(stream):
-                    for _ in range(2):
-                        decode()
-                torch.cuda.current_stream().wait_stream(stream)
-                with torch.cuda.graph(graph):
-                    logits = decode()
+                graph, logits = captured(decode)
             except Exception as error:  # noqa: BLE001 - reported, not raised
                 row["captured"] = False
                 row["error"] = f"{type(error).__name__}: {str(error)[:200]}"

@@ -15,7 +15,9 @@ import argparse
 import json
 import math
 import statistics
+import sys
 import time
+from pathlib import Path
 
 import torch
 from transformers import DynamicCache, LlamaConfig, LlamaModel, StaticCache
@@ -24,6 +26,9 @@ from iq_transform.kernels import fused_norm as ops
 from iq_transform.kernels.fp8 import Fp8DecoderLayer
 from iq_transform.models.arch import LLAMA
 from iq_transform.spikefree.templates import LayerTemplates
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import runtime_overhead  # noqa: E402
 
 WIDTHS = {
     # hidden, intermediate, heads, kv heads, head dim
@@ -290,20 +295,9 @@ def _time_graph_decode(model, batch, cached, hidden, repeats) -> float:
         model(inputs_embeds=step, past_key_values=cache, use_cache=True,
               position_ids=positions)  # fmt: skip
 
-    graph = torch.cuda.CUDAGraph()
     with torch.no_grad():
-        stream = torch.cuda.Stream()
-        stream.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(stream):
-            for _ in range(3):  # compiles, autotunes and allocates before capture
-                run()
-        torch.cuda.current_stream().wait_stream(stream)
-        with torch.cuda.graph(graph):
-            run()
-    try:
-        return timed(graph.replay, 4 * repeats)
-    finally:
-        del graph
+        graph, _ = runtime_overhead.captured(run, warmups=3)
+    return timed(graph.replay, 4 * repeats)
 
 
 def stack_table(name: str, layers: int, c: dict, repeats: int) -> list[dict]:
