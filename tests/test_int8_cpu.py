@@ -20,7 +20,7 @@ from iq_transform.kernels import (
     rotations,
     to_int8_cpu,
 )
-from iq_transform.kernels.int8_cpu import Int8StaticLinear
+from iq_transform.kernels.int8_cpu import Int8StaticLinear, u8_products_saturate
 from iq_transform.kernels.rotations import (
     KroneckerRotation,
     input_changing_hooks,
@@ -248,6 +248,35 @@ def test_bf16_elsewhere_keeps_perplexity_and_the_checkpoint_weights(
     ppl = perplexity(model, planted_windows, progress=False).ppl
     reference = perplexity(fake_quantized[0], planted_windows, progress=False).ppl
     assert ppl == pytest.approx(reference, rel=1e-2)
+
+
+def _extreme_products(halves: bool | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """(got, exact) for activation and weight codes at the ends of int8, where
+    every pair of u8 x s8 products overflows 16 bits."""
+    torch.manual_seed(0)
+    scale = 0.02
+    weight_codes = torch.randint(0, 2, (24, 64), dtype=torch.int8) * -255 + 127
+    weight_scale = torch.rand(24) / 100 + 1e-3
+    sign = torch.randint(0, 2, (5, 64)) * 2 - 1
+    x = sign * 1000 * scale  # quantized to 127 and -128, clamped
+    kernel = Int8StaticLinear(
+        None, scale, weight_codes, weight_scale, torch.float32, halves=halves
+    )
+    codes = torch.where(sign > 0, 127, -128)
+    exact = (codes.double() @ weight_codes.double().T) * scale * weight_scale
+    return kernel(x.float()).double(), exact
+
+
+def test_int8_products_are_exact_where_the_gemm_would_saturate():
+    """Without VNNI, oneDNN's int8 GEMM adds pairs of u8 x s8 products in 16 bits
+    and clips them: the codes split in two halves never overflow, on any CPU, and
+    the kernel chooses them by itself where the CPU needs them."""
+    got, exact = _extreme_products(halves=True)
+    torch.testing.assert_close(got, exact, rtol=1e-6, atol=0)
+    got, exact = _extreme_products(halves=None)
+    torch.testing.assert_close(got, exact, rtol=1e-6, atol=0)
+    got, exact = _extreme_products(halves=False)  # one u8 GEMM, as VNNI runs it
+    assert torch.allclose(got, exact, rtol=1e-6, atol=0) != u8_products_saturate()
 
 
 def test_the_int8_gemm_is_a_fast_onednn_kernel_on_this_cpu():

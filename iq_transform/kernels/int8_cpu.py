@@ -17,6 +17,7 @@ siblings that read the same input through the same rotation.
 
 from __future__ import annotations
 
+import functools
 import types
 import warnings
 from collections.abc import Callable
@@ -55,6 +56,9 @@ _EXECUTED_ATTRIBUTE = "_iq_int8_cpu"
 # u8 activation codes are the int8 ones plus this (see Int8StaticLinear.__call__)
 ACTIVATION_ZERO_POINT = 128
 SIGN_BIT = 0x80
+# a u8 code split in two halves of at most 128 each (see u8_products_saturate)
+HALF_CODE = 128
+HALVES_ZERO_POINT = ACTIVATION_ZERO_POINT // 2
 # its fused per-tensor quantization is the fastest CPU path in torch 2.13 (pinned);
 # deprecated there (torch is pinned), so its warning is not repeated to users
 warnings.filterwarnings("ignore", message="torch.quantize_per_tensor", module=__name__)
@@ -67,6 +71,71 @@ class Int8ExecutionError(ValueError):
 def is_int8_executed(model: nn.Module) -> bool:
     """Whether :func:`to_int8_cpu` has converted ``model``."""
     return bool(getattr(model, _EXECUTED_ATTRIBUTE, False))
+
+
+@functools.cache
+def u8_products_saturate() -> bool:
+    """Whether oneDNN's int8 GEMM on this CPU adds pairs of u8 x s8 products in
+    16 bits, saturating: without VNNI (AVX2, AVX-512 before Cascade Lake, Zen 2-3)
+    it multiplies with ``vpmaddubsw``, whose pair sums reach 2 * 255 * 127 and are
+    clipped at 32767, so its results are wrong, not merely rounded. Found by one
+    small product whose every pair saturates there (codes 127 against weights
+    127), not by reading CPU flags: it is what the kernel does that matters."""
+    inputs, weights = 64, 8
+    packed = torch.ops.onednn.qlinear_prepack(
+        torch.full((weights, inputs), 127, dtype=torch.int8), None
+    )
+    codes = torch.full((1, inputs), 127 + ACTIVATION_ZERO_POINT, dtype=torch.uint8)
+    scale = torch.ones(weights)
+    product = _int8_gemm(
+        codes, 1.0, ACTIVATION_ZERO_POINT, packed, scale,
+        torch.zeros_like(scale, dtype=torch.int32), None, torch.float32,
+    )  # fmt: skip
+    return bool(product[0, 0] != inputs * 127 * 127)
+
+
+def _int8_gemm(
+    codes: torch.Tensor,
+    input_scale: float,
+    zero_point: int,
+    packed: torch.Tensor,
+    weight_scale: torch.Tensor,
+    weight_zero_point: torch.Tensor,
+    bias: torch.Tensor | None,
+    output_dtype: torch.dtype,
+) -> torch.Tensor:
+    """oneDNN's u8 x s8 GEMM of ``codes`` (rows, in) minus ``zero_point`` with the
+    packed weight, int32 accumulation, dequantized by the two scales."""
+    return torch.ops.onednn.qlinear_pointwise(
+        codes,
+        input_scale,
+        zero_point,
+        packed,
+        weight_scale,
+        weight_zero_point,
+        bias,
+        1.0,
+        0,
+        output_dtype,
+        "none",
+        [],
+        "",
+    )
+
+
+def split_in_halves(codes: torch.Tensor) -> torch.Tensor:
+    """(rows, 2 * in) u8 halves of u8 ``codes`` (rows, in): ``max(u - 128, 0)``,
+    then ``min(u, 128)``. They add up to ``u`` and neither exceeds 128, so with the
+    weight repeated along the inputs and zero point 64 the GEMM sums the same
+    int32 terms, and every pair of products stays within 16 bits (from
+    2 * 128 * -128 = -32768 to 2 * 128 * 127)."""
+    rows, features = codes.shape
+    halves = torch.empty(rows, 2 * features, dtype=torch.uint8)
+    high, low = halves[:, :features], halves[:, features:]
+    torch.clamp(codes, min=HALF_CODE, out=high)
+    high.sub_(HALF_CODE)
+    torch.clamp(codes, max=HALF_CODE, out=low)
+    return halves
 
 
 class Int8StaticLinear:
@@ -83,6 +152,10 @@ class Int8StaticLinear:
     :param rotate: the online input rotation to apply before quantizing, or
         ``None``; one that returns its result in another order of the input
         features (its ``order``) gets the weight's columns in that order
+    :param halves: multiply the activation codes split in two halves
+        (:func:`split_in_halves`; exact, twice the int8 work) instead of as they
+        are; ``None``: where the CPU's int8 GEMM saturates
+        (:func:`u8_products_saturate`)
     """
 
     def __init__(
@@ -93,6 +166,7 @@ class Int8StaticLinear:
         weight_scale: torch.Tensor,
         output_dtype: torch.dtype,
         rotate: Callable | None = None,
+        halves: bool | None = None,
     ):
         self.input_scale = input_scale
         self.out_features, self.in_features = codes.shape
@@ -100,6 +174,9 @@ class Int8StaticLinear:
         order = getattr(rotate, "order", None)
         if order is not None:
             codes = codes[:, order].contiguous()
+        self.halves = u8_products_saturate() if halves is None else halves
+        if self.halves:
+            codes = torch.cat([codes, codes], dim=1)
         self.packed = torch.ops.onednn.qlinear_prepack(codes, None)
         self.weight_scale = weight_scale
         self.weight_zero_point = torch.zeros_like(weight_scale, dtype=torch.int32)
@@ -131,20 +208,18 @@ class Int8StaticLinear:
         # with zero point 128 directly rounds x / scale + 128, which differs from
         # the fake-quantized codes at some rounding boundaries.
         codes.bitwise_xor_(SIGN_BIT)  # in place: the codes are this call's own
-        return torch.ops.onednn.qlinear_pointwise(
+        zero_point = ACTIVATION_ZERO_POINT
+        if self.halves:
+            codes, zero_point = split_in_halves(codes), HALVES_ZERO_POINT
+        return _int8_gemm(
             codes,
             self.input_scale,
-            ACTIVATION_ZERO_POINT,
+            zero_point,
             self.packed,
             self.weight_scale,
             self.weight_zero_point,
             self.bias,
-            1.0,
-            0,
             self.output_dtype,
-            "none",
-            [],
-            "",
         )
 
 
@@ -496,6 +571,14 @@ def to_int8_cpu(
                     if parameter.is_floating_point():
                         parameter.data = parameter.data.to(dtype)
     setattr(model, _EXECUTED_ATTRIBUTE, True)
+    if u8_products_saturate():
+        logger.warning(
+            "int8 CPU kernels: this CPU's int8 GEMM (no VNNI) would saturate pairs "
+            "of products in 16 bits; every GEMM multiplies the activation codes "
+            "split in two halves instead (exact, twice the int8 work: about as "
+            "fast as float32 here; a CPU with AVX-512 VNNI, AVX-VNNI or AMX runs "
+            "one u8 GEMM)"
+        )
     logger.info(
         f"int8 CPU kernels: {len(forwards)} Linears converted ({dtype} elsewhere), "
         f"{len(template_outputs)} with exact template rows, "
