@@ -1,6 +1,16 @@
-"""oneDNN's int8 GEMM with s8 against u8 (zero point 128) activation codes, beside
-fp32, at one SmolLM2 shape (512x576 @ 576x1536): without AMX, s8 activations run
-in oneDNN's reference GEMM; the executed model (kernels/int8_cpu.py) feeds u8::
+"""oneDNN's int8 GEMM paths at one SmolLM2 shape (512x576 @ 576x1536), beside
+fp32, each checked against the exact int32 product of its codes:
+
+- u8 codes, zero point 128: what the executed model feeds where the CPU has VNNI
+  (or AMX); without VNNI the kernel adds pairs of products in 16 bits and clips
+  them, so its error is printed, not assumed;
+- the u8 codes split in two halves (``split_in_halves``, zero point 64, the weight
+  repeated along the inputs): exact on every CPU, twice the int8 work; what the
+  executed model feeds where ``u8_products_saturate()``;
+- s8 codes: without AMX oneDNN runs them in its reference GEMM (~4,000x slower on
+  AVX-512 VNNI), so they are timed once.
+
+::
 
     python benchmarks/onednn_int8_paths.py
     ONEDNN_VERBOSE=1 python benchmarks/onednn_int8_paths.py  # which kernels ran
@@ -11,6 +21,14 @@ from __future__ import annotations
 import time
 
 import torch
+
+from iq_transform.kernels.int8_cpu import (
+    ACTIVATION_ZERO_POINT,
+    HALVES_ZERO_POINT,
+    SIGN_BIT,
+    split_in_halves,
+    u8_products_saturate,
+)
 
 M, K, N = 512, 576, 1536
 
@@ -27,25 +45,42 @@ def main() -> None:
     torch.manual_seed(0)
     weight = torch.randn(N, K)
     inputs = torch.randn(M, K)
-    packed = torch.ops.onednn.qlinear_prepack(
-        torch.randint(-127, 128, (N, K), dtype=torch.int8), None
+    weight_codes = torch.randint(-128, 128, (N, K), dtype=torch.int8)
+    packed = torch.ops.onednn.qlinear_prepack(weight_codes, None)
+    repeated = torch.ops.onednn.qlinear_prepack(
+        torch.cat([weight_codes, weight_codes], dim=1), None
     )
-    scales, zeros = torch.rand(N) / 100, torch.zeros(N, dtype=torch.int32)
+    scales, zeros = torch.ones(N), torch.zeros(N, dtype=torch.int32)
     signed = torch.randint(-128, 128, (M, K), dtype=torch.int8)
-    unsigned = signed.view(torch.uint8).bitwise_xor(0x80)
+    unsigned = signed.view(torch.uint8).bitwise_xor(SIGN_BIT)
+    exact = signed.double() @ weight_codes.double().T
 
-    def gemm(codes, zero_point):
+    def gemm(codes, zero_point, weight=packed):
         return torch.ops.onednn.qlinear_pointwise(
-            codes, 0.02, zero_point, packed, scales, zeros, None, 1.0, 0,
+            codes, 1.0, zero_point, weight, scales, zeros, None, 1.0, 0,
             torch.float32, "none", [], "",
         )  # fmt: skip
 
-    assert torch.equal(gemm(signed, 0), gemm(unsigned, 128))
-    print(f"{M}x{K} @ {K}x{N}, {torch.get_num_threads()} threads")
-    print(f"fp32 matmul: {timed_ms(lambda: inputs @ weight.T, 20):.1f} ms")
-    u8_ms = timed_ms(lambda: gemm(unsigned, 128), 20)
-    print(f"int8 GEMM, u8 codes, zero point 128: {u8_ms:.1f} ms")
-    print(f"int8 GEMM, s8 codes: {timed_ms(lambda: gemm(signed, 0), 1):.1f} ms")
+    print(
+        f"{M}x{K} @ {K}x{N}, {torch.get_num_threads()} threads, "
+        f"CPU capability {torch.backends.cpu.get_cpu_capability()}, "
+        f"u8 products saturate: {u8_products_saturate()}"
+    )
+    print(f"fp32 matmul: {timed_ms(lambda: inputs @ weight.T, 20):.2f} ms")
+    paths = {
+        "int8 GEMM, u8 codes, zero point 128": (
+            lambda: gemm(unsigned, ACTIVATION_ZERO_POINT),
+            20,
+        ),
+        "int8 GEMM, u8 codes in two halves, zero point 64": (
+            lambda: gemm(split_in_halves(unsigned), HALVES_ZERO_POINT, repeated),
+            20,
+        ),
+        "int8 GEMM, s8 codes": (lambda: gemm(signed, 0), 1),
+    }
+    for name, (run, repeats) in paths.items():
+        error = (run().double() - exact).abs().max().item()
+        print(f"{name}: {timed_ms(run, repeats):.2f} ms, max |error| {error:.0f}")
 
 
 if __name__ == "__main__":

@@ -250,6 +250,43 @@ def test_bf16_elsewhere_keeps_perplexity_and_the_checkpoint_weights(
     assert ppl == pytest.approx(reference, rel=1e-2)
 
 
+@pytest.mark.parametrize("native", [True, False])
+def test_bf16_elsewhere_warns_where_the_cpu_computes_no_bf16(
+    calibration, caplog, monkeypatch, native
+):
+    import logging
+
+    from loguru import logger
+
+    from iq_transform.kernels import int8_cpu
+
+    monkeypatch.setattr(int8_cpu, "_native_bf16", lambda: native)
+    model, _ = quantized_on_cpu(calibration)
+    handler = logger.add(caplog.handler, level="WARNING", format="{message}")
+    try:
+        with caplog.at_level(logging.WARNING):
+            to_int8_cpu(model, dtype=torch.bfloat16)
+    finally:
+        logger.remove(handler)
+    assert ("neither AVX-512 BF16 nor AMX" in caplog.text) != native
+
+
+def test_a_bf16_output_is_cast_from_float32_where_the_cpu_has_no_bf16(monkeypatch):
+    """Without AVX-512 BF16 or AMX oneDNN writes a bf16 output only from its
+    reference GEMM (thousands of times slower): the GEMM writes float32 there."""
+    from iq_transform.kernels import int8_cpu
+
+    monkeypatch.setattr(int8_cpu, "_native_bf16", lambda: False)
+    torch.manual_seed(0)
+    codes = torch.randint(-128, 128, (48, 64), dtype=torch.int8)
+    scale = torch.rand(48) / 100
+    x = torch.randn(7, 64)
+    bf16 = Int8StaticLinear(None, 0.02, codes, scale, torch.bfloat16)
+    fp32 = Int8StaticLinear(None, 0.02, codes, scale, torch.float32)
+    assert bf16.gemm_dtype == torch.float32
+    assert torch.equal(bf16(x), fp32(x).to(torch.bfloat16))
+
+
 def _extreme_products(halves: bool | None) -> tuple[torch.Tensor, torch.Tensor]:
     """(got, exact) for activation and weight codes at the ends of int8, where
     every pair of u8 x s8 products overflows 16 bits."""

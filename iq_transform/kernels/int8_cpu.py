@@ -44,7 +44,9 @@ __all__ = [
     "Int8SiblingLinears",
     "Int8StaticLinear",
     "is_int8_executed",
+    "split_in_halves",
     "to_int8_cpu",
+    "u8_products_saturate",
 ]
 
 EXECUTABLE = (
@@ -92,6 +94,16 @@ def u8_products_saturate() -> bool:
         torch.zeros_like(scale, dtype=torch.int32), None, torch.float32,
     )  # fmt: skip
     return bool(product[0, 0] != inputs * 127 * 127)
+
+
+def _native_bf16() -> bool:
+    """Whether this CPU computes in bf16 natively (AVX-512 BF16 or AMX); ``True``
+    where torch cannot tell."""
+    checks = ("_is_avx512_bf16_supported", "_is_amx_tile_supported")
+    found = [getattr(torch.cpu, name, None) for name in checks]
+    if any(check is None for check in found):
+        return True
+    return any(check() for check in found)
 
 
 def _int8_gemm(
@@ -182,6 +194,13 @@ class Int8StaticLinear:
         self.weight_zero_point = torch.zeros_like(weight_scale, dtype=torch.int32)
         self.bias = None if bias is None else bias.detach().float().clone()
         self.output_dtype = output_dtype
+        # oneDNN writes a bf16 output from its fast int8 GEMM only where the CPU
+        # computes in bf16; elsewhere (AVX2) its reference GEMM does, ~2,500x
+        # slower (512x576 @ 576x1728: 32 s against 12 ms): float32, then a cast
+        native = output_dtype == torch.float32 or (
+            output_dtype == torch.bfloat16 and _native_bf16()
+        )
+        self.gemm_dtype = output_dtype if native else torch.float32
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         return self.product(x).reshape(*x.shape[:-1], self.out_features)
@@ -211,7 +230,7 @@ class Int8StaticLinear:
         zero_point = ACTIVATION_ZERO_POINT
         if self.halves:
             codes, zero_point = split_in_halves(codes), HALVES_ZERO_POINT
-        return _int8_gemm(
+        product = _int8_gemm(
             codes,
             self.input_scale,
             zero_point,
@@ -219,8 +238,9 @@ class Int8StaticLinear:
             self.weight_scale,
             self.weight_zero_point,
             self.bias,
-            self.output_dtype,
+            self.gemm_dtype,
         )
+        return product.to(self.output_dtype)
 
 
 class Int8SiblingLinears:
@@ -571,13 +591,20 @@ def to_int8_cpu(
                     if parameter.is_floating_point():
                         parameter.data = parameter.data.to(dtype)
     setattr(model, _EXECUTED_ATTRIBUTE, True)
+    if dtype == torch.bfloat16 and not _native_bf16():
+        logger.warning(
+            "int8 CPU kernels: this CPU has neither AVX-512 BF16 nor AMX, so the "
+            "bf16 norms, attention and lm_head run in slow converting paths "
+            "(the int8 GEMMs write float32 and cast): pass dtype=torch.float32 "
+            "here"
+        )
     if u8_products_saturate():
         logger.warning(
             "int8 CPU kernels: this CPU's int8 GEMM (no VNNI) would saturate pairs "
             "of products in 16 bits; every GEMM multiplies the activation codes "
-            "split in two halves instead (exact, twice the int8 work: about as "
-            "fast as float32 here; a CPU with AVX-512 VNNI, AVX-VNNI or AMX runs "
-            "one u8 GEMM)"
+            "split in two halves instead (exact, but twice the int8 work: no "
+            "faster than float32 here; a CPU with AVX-512 VNNI, AVX-VNNI or AMX "
+            "runs one u8 GEMM)"
         )
     logger.info(
         f"int8 CPU kernels: {len(forwards)} Linears converted ({dtype} elsewhere), "
