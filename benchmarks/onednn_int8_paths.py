@@ -8,7 +8,10 @@ fp32, each checked against the exact int32 product of its codes:
   repeated along the inputs): exact on every CPU, twice the int8 work; what the
   executed model feeds where ``u8_products_saturate()``;
 - s8 codes: without AMX oneDNN runs them in its reference GEMM (~4,000x slower on
-  AVX-512 VNNI), so they are timed once.
+  AVX-512 VNNI), so they are timed once;
+- u8 codes with a bf16 output (``to_int8_cpu(dtype=torch.bfloat16)``): without
+  AVX-512 BF16 or AMX oneDNN writes it from its reference GEMM, so it is timed
+  once there (the executed model writes float32 and casts instead).
 
 ::
 
@@ -26,6 +29,7 @@ from iq_transform.kernels.int8_cpu import (
     ACTIVATION_ZERO_POINT,
     HALVES_ZERO_POINT,
     SIGN_BIT,
+    _native_bf16,
     split_in_halves,
     u8_products_saturate,
 )
@@ -55,16 +59,17 @@ def main() -> None:
     unsigned = signed.view(torch.uint8).bitwise_xor(SIGN_BIT)
     exact = signed.double() @ weight_codes.double().T
 
-    def gemm(codes, zero_point, weight=packed):
+    def gemm(codes, zero_point, weight=packed, output=torch.float32):
         return torch.ops.onednn.qlinear_pointwise(
             codes, 1.0, zero_point, weight, scales, zeros, None, 1.0, 0,
-            torch.float32, "none", [], "",
+            output, "none", [], "",
         )  # fmt: skip
 
     print(
         f"{M}x{K} @ {K}x{N}, {torch.get_num_threads()} threads, "
         f"CPU capability {torch.backends.cpu.get_cpu_capability()}, "
-        f"u8 products saturate: {u8_products_saturate()}"
+        f"u8 products saturate: {u8_products_saturate()}, "
+        f"native bf16: {_native_bf16()}"
     )
     print(f"fp32 matmul: {timed_ms(lambda: inputs @ weight.T, 20):.2f} ms")
     paths = {
@@ -77,6 +82,10 @@ def main() -> None:
             20,
         ),
         "int8 GEMM, s8 codes": (lambda: gemm(signed, 0), 1),
+        "int8 GEMM, u8 codes, bf16 output": (
+            lambda: gemm(unsigned, ACTIVATION_ZERO_POINT, output=torch.bfloat16),
+            20 if _native_bf16() else 1,
+        ),
     }
     for name, (run, repeats) in paths.items():
         error = (run().double() - exact).abs().max().item()
