@@ -29,7 +29,7 @@ from iq_transform.kernels.int8_cpu import (
     ACTIVATION_ZERO_POINT,
     HALVES_ZERO_POINT,
     SIGN_BIT,
-    _native_bf16,
+    cpu_computes_bf16,
     split_in_halves,
     u8_products_saturate,
 )
@@ -69,7 +69,7 @@ def main() -> None:
         f"{M}x{K} @ {K}x{N}, {torch.get_num_threads()} threads, "
         f"CPU capability {torch.backends.cpu.get_cpu_capability()}, "
         f"u8 products saturate: {u8_products_saturate()}, "
-        f"native bf16: {_native_bf16()}"
+        f"native bf16: {cpu_computes_bf16()}"
     )
     print(f"fp32 matmul: {timed_ms(lambda: inputs @ weight.T, 20):.2f} ms")
     paths = {
@@ -84,7 +84,7 @@ def main() -> None:
         "int8 GEMM, s8 codes": (lambda: gemm(signed, 0), 1),
         "int8 GEMM, u8 codes, bf16 output": (
             lambda: gemm(unsigned, ACTIVATION_ZERO_POINT, output=torch.bfloat16),
-            20 if _native_bf16() else 1,
+            20 if cpu_computes_bf16() else 1,
         ),
     }
     for name, (run, repeats) in paths.items():

@@ -260,7 +260,7 @@ def test_bf16_elsewhere_warns_where_the_cpu_computes_no_bf16(
 
     from iq_transform.kernels import int8_cpu
 
-    monkeypatch.setattr(int8_cpu, "_native_bf16", lambda: native)
+    monkeypatch.setattr(int8_cpu, "cpu_computes_bf16", lambda: native)
     model, _ = quantized_on_cpu(calibration)
     handler = logger.add(caplog.handler, level="WARNING", format="{message}")
     try:
@@ -276,7 +276,7 @@ def test_a_bf16_output_is_cast_from_float32_where_the_cpu_has_no_bf16(monkeypatc
     reference GEMM (thousands of times slower): the GEMM writes float32 there."""
     from iq_transform.kernels import int8_cpu
 
-    monkeypatch.setattr(int8_cpu, "_native_bf16", lambda: False)
+    monkeypatch.setattr(int8_cpu, "cpu_computes_bf16", lambda: False)
     torch.manual_seed(0)
     codes = torch.randint(-128, 128, (48, 64), dtype=torch.int8)
     scale = torch.rand(48) / 100

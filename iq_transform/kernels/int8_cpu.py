@@ -43,6 +43,7 @@ __all__ = [
     "Int8ExecutionError",
     "Int8SiblingLinears",
     "Int8StaticLinear",
+    "cpu_computes_bf16",
     "is_int8_executed",
     "split_in_halves",
     "to_int8_cpu",
@@ -96,7 +97,7 @@ def u8_products_saturate() -> bool:
     return bool(product[0, 0] != inputs * 127 * 127)
 
 
-def _native_bf16() -> bool:
+def cpu_computes_bf16() -> bool:
     """Whether this CPU computes in bf16 natively (AVX-512 BF16 or AMX); ``True``
     where torch cannot tell."""
     checks = ("_is_avx512_bf16_supported", "_is_amx_tile_supported")
@@ -198,7 +199,7 @@ class Int8StaticLinear:
         # computes in bf16; elsewhere (AVX2) its reference GEMM does, ~2,500x
         # slower (512x576 @ 576x1728: 32 s against 12 ms): float32, then a cast
         native = output_dtype == torch.float32 or (
-            output_dtype == torch.bfloat16 and _native_bf16()
+            output_dtype == torch.bfloat16 and cpu_computes_bf16()
         )
         self.gemm_dtype = output_dtype if native else torch.float32
 
@@ -591,7 +592,7 @@ def to_int8_cpu(
                     if parameter.is_floating_point():
                         parameter.data = parameter.data.to(dtype)
     setattr(model, _EXECUTED_ATTRIBUTE, True)
-    if dtype == torch.bfloat16 and not _native_bf16():
+    if dtype == torch.bfloat16 and not cpu_computes_bf16():
         logger.warning(
             "int8 CPU kernels: this CPU has neither AVX-512 BF16 nor AMX, so the "
             "bf16 norms, attention and lm_head run in slow converting paths "
