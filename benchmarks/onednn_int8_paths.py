@@ -30,6 +30,7 @@ from iq_transform.kernels.int8_cpu import (
     HALVES_ZERO_POINT,
     SIGN_BIT,
     cpu_computes_bf16,
+    int8_gemm,
     split_in_halves,
     u8_products_saturate,
 )
@@ -60,10 +61,7 @@ def main() -> None:
     exact = signed.double() @ weight_codes.double().T
 
     def gemm(codes, zero_point, weight=packed, output=torch.float32):
-        return torch.ops.onednn.qlinear_pointwise(
-            codes, 1.0, zero_point, weight, scales, zeros, None, 1.0, 0,
-            output, "none", [], "",
-        )  # fmt: skip
+        return int8_gemm(codes, 1.0, zero_point, weight, scales, zeros, None, output)
 
     print(
         f"{M}x{K} @ {K}x{N}, {torch.get_num_threads()} threads, "

@@ -44,6 +44,7 @@ __all__ = [
     "Int8SiblingLinears",
     "Int8StaticLinear",
     "cpu_computes_bf16",
+    "int8_gemm",
     "is_int8_executed",
     "split_in_halves",
     "to_int8_cpu",
@@ -90,7 +91,7 @@ def u8_products_saturate() -> bool:
     )
     codes = torch.full((1, inputs), 127 + ACTIVATION_ZERO_POINT, dtype=torch.uint8)
     scale = torch.ones(weights)
-    product = _int8_gemm(
+    product = int8_gemm(
         codes, 1.0, ACTIVATION_ZERO_POINT, packed, scale,
         torch.zeros_like(scale, dtype=torch.int32), None, torch.float32,
     )  # fmt: skip
@@ -107,7 +108,7 @@ def cpu_computes_bf16() -> bool:
     return any(check() for check in found)
 
 
-def _int8_gemm(
+def int8_gemm(
     codes: torch.Tensor,
     input_scale: float,
     zero_point: int,
@@ -231,7 +232,7 @@ class Int8StaticLinear:
         zero_point = ACTIVATION_ZERO_POINT
         if self.halves:
             codes, zero_point = split_in_halves(codes), HALVES_ZERO_POINT
-        product = _int8_gemm(
+        product = int8_gemm(
             codes,
             self.input_scale,
             zero_point,
