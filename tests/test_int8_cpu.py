@@ -20,7 +20,11 @@ from iq_transform.kernels import (
     rotations,
     to_int8_cpu,
 )
-from iq_transform.kernels.int8_cpu import Int8StaticLinear, u8_products_saturate
+from iq_transform.kernels.int8_cpu import (
+    Int8SiblingLinears,
+    Int8StaticLinear,
+    u8_products_saturate,
+)
 from iq_transform.kernels.rotations import (
     KroneckerRotation,
     input_changing_hooks,
@@ -33,11 +37,11 @@ from tests.test_checkpoint import greedy, quantized
 CARRIER_LAYER = 2  # the planted model carries its spikes in layers 2-4
 
 
-def quantized_on_cpu(calibration):
-    """The W8A8 static + SpikeFree toy, moved to the CPU after oneshot (which runs
-    on a GPU where there is one): int8 CPU execution and its fake-quantized
-    reference both run there."""
-    model, tokenizer = quantized("w8a8_static", "rtn", calibration)
+def quantized_on_cpu(calibration, quant: str = "w8a8_static"):
+    """The W8A8 (or ``quant``) static + SpikeFree toy, moved to the CPU after
+    oneshot (which runs on a GPU where there is one): int8 CPU execution and its
+    fake-quantized reference both run there."""
+    model, tokenizer = quantized(quant, "rtn", calibration)
     return move_model(model, "cpu"), tokenizer
 
 
@@ -60,7 +64,10 @@ def _fake_quantized_linear(module, x: torch.Tensor) -> torch.Tensor:
 
 
 def test_every_linear_computes_its_fake_quantized_product(executed):
-    model, _ = executed
+    assert_linears_compute_their_fake_quantized_products(executed[0])
+
+
+def assert_linears_compute_their_fake_quantized_products(model) -> None:
     torch.manual_seed(0)
     linears = [m for m in model.modules() if hasattr(m, "quantization_scheme")]
     assert len(linears) == 6 * 7  # q k v o gate up down in every decoder layer
@@ -287,12 +294,17 @@ def test_a_bf16_output_is_cast_from_float32_where_the_cpu_has_no_bf16(monkeypatc
     assert torch.equal(bf16(x), fp32(x).to(torch.bfloat16))
 
 
-def _extreme_products(halves: bool | None) -> tuple[torch.Tensor, torch.Tensor]:
-    """(got, exact) for activation and weight codes at the ends of int8, where
-    every pair of u8 x s8 products overflows 16 bits."""
+def _extreme_products(
+    halves: bool | None, weight_bits: int = 8
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(got, exact) for activation codes at the ends of int8 and weight codes at
+    the ends of ``weight_bits``: with 8 bits every pair of u8 x s8 products
+    overflows 16 bits."""
     torch.manual_seed(0)
     scale = 0.02
-    weight_codes = torch.randint(0, 2, (24, 64), dtype=torch.int8) * -255 + 127
+    high = 2 ** (weight_bits - 1) - 1
+    signs = torch.randint(0, 2, (24, 64), dtype=torch.int8)
+    weight_codes = signs * -(2 * high + 1) + high
     weight_scale = torch.rand(24) / 100 + 1e-3
     sign = torch.randint(0, 2, (5, 64)) * 2 - 1
     x = sign * 1000 * scale  # quantized to 127 and -128, clamped
@@ -314,6 +326,40 @@ def test_int8_products_are_exact_where_the_gemm_would_saturate():
     torch.testing.assert_close(got, exact, rtol=1e-6, atol=0)
     got, exact = _extreme_products(halves=False)  # one u8 GEMM, as VNNI runs it
     assert torch.allclose(got, exact, rtol=1e-6, atol=0) != u8_products_saturate()
+
+
+def test_7_bit_weights_make_one_exact_gemm_on_any_cpu():
+    """Weight codes within -64..63 keep every pair of u8 x s8 products within 16
+    bits (2 * 255 * -64 = -32,640), so the kernel runs the codes as they are,
+    where 8-bit weights at the same ends need the halves."""
+    got, exact = _extreme_products(halves=False, weight_bits=7)
+    torch.testing.assert_close(got, exact, rtol=1e-6, atol=0)
+    got, exact = _extreme_products(halves=None, weight_bits=7)
+    torch.testing.assert_close(got, exact, rtol=1e-6, atol=0)
+    codes = torch.tensor([[63, -64], [-64, 0]], dtype=torch.int8)
+    kernel = Int8StaticLinear(None, 0.02, codes, torch.ones(2), torch.float32)
+    assert kernel.halves is False
+    codes[0, 0] = 65  # beyond 7 bits: the halves where the CPU saturates
+    kernel = Int8StaticLinear(None, 0.02, codes, torch.ones(2), torch.float32)
+    assert kernel.halves is u8_products_saturate()
+
+
+def test_a_w7a8_model_runs_one_gemm_per_linear_with_its_fake_quantized_products(
+    calibration, planted_windows
+):
+    model, _ = quantized_on_cpu(calibration, "w7a8_static")
+    weights = model.model.layers[CARRIER_LAYER].mlp.down_proj.quantization_scheme
+    assert weights.weights.num_bits == 7
+    with torch.no_grad():
+        expected = model(planted_windows).logits
+    to_int8_cpu(model)
+    kernels = [m.int8_kernel for m in model.modules() if hasattr(m, "int8_kernel")]
+    kernels = [getattr(k, "group", k) for k in kernels]
+    kernels = [k.kernel if isinstance(k, Int8SiblingLinears) else k for k in kernels]
+    assert kernels and not any(kernel.halves for kernel in kernels)
+    assert_linears_compute_their_fake_quantized_products(model)
+    with torch.no_grad():
+        assert_follows(model(planted_windows).logits, expected)
 
 
 def test_the_int8_gemm_is_a_fast_onednn_kernel_on_this_cpu():

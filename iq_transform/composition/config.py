@@ -187,7 +187,8 @@ class QuantConfig:
     """Weight and activation formats (``conf/quant/*.yaml``).
 
     :param name: the option's name, recorded in results and reports
-    :param weight_bits: weight bits (8 or 4)
+    :param weight_bits: weight bits (8, 7 or 4; 7: one exact int8 GEMM per linear
+        on CPUs without VNNI, see :func:`~iq_transform.kernels.to_int8_cpu`)
     :param weight_type: ``int`` or ``float`` (FP8 e4m3)
     :param weight_strategy: ``channel`` or ``group``
     :param group_size: input columns per weight scale for ``group``

@@ -46,15 +46,16 @@ __all__ = [
     "cpu_computes_bf16",
     "int8_gemm",
     "is_int8_executed",
+    "products_saturate",
     "split_in_halves",
     "to_int8_cpu",
     "u8_products_saturate",
 ]
 
 EXECUTABLE = (
-    "static per-tensor symmetric INT8 activations with symmetric INT8 weights "
-    "(per channel or per tensor), i.e. a W8A8 static recipe such as "
-    "recipes/w8a8_static_spikefree.yaml"
+    "static per-tensor symmetric INT8 activations with symmetric INT weights of "
+    "at most 8 bits (per channel or per tensor), i.e. a W8A8 static recipe such as "
+    "recipes/w8a8_static_spikefree.yaml (or W7A8: recipes/w7a8_static_spikefree.yaml)"
 )
 _EXECUTED_ATTRIBUTE = "_iq_int8_cpu"
 # u8 activation codes are the int8 ones plus this (see Int8StaticLinear.__call__)
@@ -63,6 +64,9 @@ SIGN_BIT = 0x80
 # a u8 code split in two halves of at most 128 each (see u8_products_saturate)
 HALF_CODE = 128
 HALVES_ZERO_POINT = ACTIVATION_ZERO_POINT // 2
+# no pair of u8 x s8 products overflows 16 bits where no weight code exceeds this
+# in magnitude: 2 * 255 * 64 = 32,640 (7-bit weights: codes from -64 to 63)
+PAIR_SAFE_WEIGHT_CODE = 64
 # its fused per-tensor quantization is the fastest CPU path in torch 2.13 (pinned);
 # deprecated there (torch is pinned), so its warning is not repeated to users
 warnings.filterwarnings("ignore", message="torch.quantize_per_tensor", module=__name__)
@@ -96,6 +100,17 @@ def u8_products_saturate() -> bool:
         torch.zeros_like(scale, dtype=torch.int32), None, torch.float32,
     )  # fmt: skip
     return bool(product[0, 0] != inputs * 127 * 127)
+
+
+def products_saturate(weight_codes: torch.Tensor) -> bool:
+    """Whether oneDNN's u8 x s8 GEMM on this CPU can saturate with these (out, in)
+    int8 weight codes: only where it adds pairs of products in 16 bits
+    (:func:`u8_products_saturate`) and some code exceeds 64 in magnitude, as
+    8-bit weights do; 7-bit weights (a W7A8 recipe) never saturate."""
+    if not u8_products_saturate() or weight_codes.numel() == 0:
+        return False
+    low, high = torch.aminmax(weight_codes)
+    return max(-int(low), int(high)) > PAIR_SAFE_WEIGHT_CODE
 
 
 def cpu_computes_bf16() -> bool:
@@ -168,8 +183,8 @@ class Int8StaticLinear:
         features (its ``order``) gets the weight's columns in that order
     :param halves: multiply the activation codes split in two halves
         (:func:`split_in_halves`; exact, twice the int8 work) instead of as they
-        are; ``None``: where the CPU's int8 GEMM saturates
-        (:func:`u8_products_saturate`)
+        are; ``None``: where the CPU's int8 GEMM would saturate with these weight
+        codes (:func:`products_saturate`)
     """
 
     def __init__(
@@ -188,7 +203,7 @@ class Int8StaticLinear:
         order = getattr(rotate, "order", None)
         if order is not None:
             codes = codes[:, order].contiguous()
-        self.halves = u8_products_saturate() if halves is None else halves
+        self.halves = products_saturate(codes) if halves is None else halves
         if self.halves:
             codes = torch.cat([codes, codes], dim=1)
         self.packed = torch.ops.onednn.qlinear_prepack(codes, None)
@@ -325,6 +340,10 @@ class _SiblingColumns:
         return self.group.columns_of(self.sibling, x)
 
 
+def _kernel_of(forward: Int8StaticLinear | _SiblingColumns) -> Int8StaticLinear:
+    return forward.group.kernel if isinstance(forward, _SiblingColumns) else forward
+
+
 def _int8_forward(self: nn.Linear, x: torch.Tensor) -> torch.Tensor:
     # a bound method, as compressed-tensors' offloading expects of a forward
     return self.int8_kernel(x)
@@ -336,7 +355,7 @@ def _refusal(name: str, module: nn.Module) -> str | None:
     weights, inputs = scheme.weights, scheme.input_activations
     if scheme.output_activations is not None:
         return f"{name}: quantized outputs"
-    if weights is None or weights.type != "int" or weights.num_bits != 8:
+    if weights is None or weights.type != "int" or weights.num_bits > 8:
         return f"{name}: weights {_describe(weights)}"
     if not weights.symmetric or weights.strategy not in ("channel", "tensor"):
         return f"{name}: weights {_describe(weights)}"
@@ -600,13 +619,17 @@ def to_int8_cpu(
             "(the int8 GEMMs write float32 and cast): pass dtype=torch.float32 "
             "here"
         )
-    if u8_products_saturate():
+    kernels = {id(k): k for k in map(_kernel_of, forwards.values())}.values()
+    in_halves = sum(kernel.halves for kernel in kernels)
+    if in_halves:
         logger.warning(
-            "int8 CPU kernels: this CPU's int8 GEMM (no VNNI) would saturate pairs "
-            "of products in 16 bits; every GEMM multiplies the activation codes "
-            "split in two halves instead (exact, but twice the int8 work: no "
-            "faster than float32 here; a CPU with AVX-512 VNNI, AVX-VNNI or AMX "
-            "runs one u8 GEMM)"
+            f"int8 CPU kernels: this CPU's int8 GEMM (no VNNI) would saturate pairs "
+            f"of products in 16 bits with 8-bit weights; {in_halves} of "
+            f"{len(kernels)} GEMMs multiply the activation codes split in two "
+            "halves instead (exact, but twice the int8 work: no faster than "
+            "float32 here). 7-bit weights run one exact GEMM here "
+            "(recipes/w7a8_static_spikefree.yaml), as does any recipe on a CPU "
+            "with AVX-512 VNNI, AVX-VNNI or AMX"
         )
     logger.info(
         f"int8 CPU kernels: {len(forwards)} Linears converted ({dtype} elsewhere), "
