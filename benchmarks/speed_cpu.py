@@ -10,6 +10,9 @@ Variants (same model, same tokens, same threads):
 - ``int8 static + SpikeFree``: the same model through ``to_int8_cpu``, with
   float32 or bf16 everywhere else (norms, attention, ``lm_head``), and with q/k/v
   and gate/up each in their own GEMM (``join_siblings=False``);
+- ``--also-recipe``: each further static recipe, fake-quantized and executed
+  (``recipes/w7a8_static_spikefree.yaml``: one GEMM a linear on CPUs without
+  VNNI, where W8A8 multiplies its codes in two halves);
 - ``llama.cpp`` (if llama-cpp-cffi is installed: ``pip install --no-deps
   llama-cpp-cffi==0.4.42``, see ``llama_cpp_anchor.py``): the model's GGUF and
   its Q8_0 requantization with llama.cpp's own quantize API, batch 1 only.
@@ -151,12 +154,8 @@ def build_variants(args, tokenizer_windows) -> dict[str, nn.Module]:
         )
     variants["dynamic int8 (quantize_dynamic)"] = dynamic
     calibration = tokenizer_windows(tokenizer, BROWN, args.calib_samples)
-    # oneshot once; the three static variants load its checkpoint (exact reload)
-    quantized, _ = load_model(args.model)
-    apply_recipe(quantized, tokenizer, args.recipe, calibration)
-    checkpoint = Path(args.work_dir) / f"{args.model}-{Path(args.recipe).stem}"
-    save_checkpoint(quantized, tokenizer, checkpoint)
-    del quantized
+    # oneshot once; the static variants load its checkpoint (exact reload)
+    checkpoint = calibrated(args, args.recipe, tokenizer, calibration)
     variants[FAKE] = load_pretrained(checkpoint)
     variants["int8 static + SpikeFree (to_int8_cpu)"] = to_int8_cpu(
         load_pretrained(checkpoint)
@@ -168,7 +167,23 @@ def build_variants(args, tokenizer_windows) -> dict[str, nn.Module]:
     variants["int8 static + SpikeFree, a GEMM per linear"] = to_int8_cpu(
         load_pretrained(checkpoint), join_siblings=False
     )
+    for recipe in args.also_recipe:  # e.g. W7A8: one GEMM where W8A8 needs halves
+        checkpoint = calibrated(args, recipe, tokenizer, calibration)
+        stem = Path(recipe).stem
+        variants[f"fake-quant {stem}"] = load_pretrained(checkpoint)
+        variants[f"int8 static + SpikeFree, {stem}"] = to_int8_cpu(
+            load_pretrained(checkpoint)
+        )
     return variants, tokenizer
+
+
+def calibrated(args, recipe: str, tokenizer, calibration) -> Path:
+    """The checkpoint of ``args.model`` after ``oneshot`` with ``recipe``."""
+    quantized, _ = load_model(args.model)
+    apply_recipe(quantized, tokenizer, recipe, calibration)
+    checkpoint = Path(args.work_dir) / f"{args.model}-{Path(recipe).stem}"
+    save_checkpoint(quantized, tokenizer, checkpoint)
+    return checkpoint
 
 
 def windows_of(tokenizer, path: str, samples: int, seqlen: int = 512):
@@ -263,6 +278,13 @@ def main() -> None:
     parser.add_argument(
         "--recipe", default=RECIPE, help="the static W8A8 recipe (QuIP: its cost)"
     )
+    parser.add_argument(
+        "--also-recipe",
+        nargs="*",
+        default=[],
+        help="more static recipes, each timed fake-quantized and executed (e.g. "
+        "recipes/w7a8_static_spikefree.yaml on a CPU without VNNI)",
+    )
     parser.add_argument("--eval-windows", type=int, default=4)
     parser.add_argument("--threads", type=int, default=None)
     parser.add_argument(
@@ -294,7 +316,8 @@ def main() -> None:
     for batch, seqlen in shapes:
         key = f"prefill {batch}x{seqlen}"
         for name, model in variants.items():  # interleaved: same machine state
-            if name == FAKE and f"{batch}x{seqlen}" not in args.fake_quant_shapes:
+            fake = name.startswith("fake-quant")
+            if fake and f"{batch}x{seqlen}" not in args.fake_quant_shapes:
                 continue  # float kernels plus quantize-dequantize: slowest of all
             inputs = ids[:batch, :seqlen]
             times[name][key] = timed(
@@ -331,6 +354,9 @@ def main() -> None:
             torch.device("cpu"),
             max(args.repeats, 5),
         )
+    executed_also = {
+        f"int8 static + SpikeFree, {Path(r).stem}" for r in args.also_recipe
+    }
     # where the time of the executed model and of dynamic int8 goes: the part
     # both share (attention) bounds what faster linears can gain over dynamic
     shares = {
@@ -341,7 +367,7 @@ def main() -> None:
             for batch, seqlen in shapes
         }
         for name, model in variants.items()
-        if name.startswith(SHARED_VARIANTS)
+        if name.startswith(SHARED_VARIANTS) or name in executed_also
     }
     ppl = {
         name: perplexity(model, evaluation, progress=False).ppl
@@ -360,6 +386,7 @@ def main() -> None:
     report = {
         "model": args.model,
         "recipe": args.recipe,
+        "also_recipes": args.also_recipe,
         "threads": torch.get_num_threads(),
         "allocator": args.allocator,
         "cpu": platform.processor() or platform.machine(),
