@@ -189,7 +189,11 @@ def test_a_saved_checkpoint_runs_in_int8_as_it_ran_before_saving(
 
 @pytest.mark.parametrize(
     ("quant", "named"),
-    [("w8a8_dynamic", "int8 dynamic per-token"), ("fp8_static", "float8 static")],
+    [
+        ("w8a8_dynamic", "int8 dynamic per-token"),
+        ("fp8_static", "float8 static"),
+        ("w4a8_static", "int4 static per-group"),
+    ],
 )
 def test_a_scheme_the_kernels_cannot_run_is_refused_untouched(
     calibration, planted_windows, quant, named

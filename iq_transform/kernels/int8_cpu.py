@@ -13,6 +13,10 @@ An online input rotation (QuIP) moves from its forward pre-hook into the kernel,
 which rotates the float input before quantizing it: by the rotation's Kronecker
 factors where it has them (:mod:`~iq_transform.kernels.rotations`), once for
 siblings that read the same input through the same rotation.
+
+On CPUs without VNNI the GEMM adds pairs of u8 x s8 products in 16 bits and clips
+them; there a linear with 8-bit weights multiplies its codes split in two halves
+(exact, twice the work), and one with 7-bit weights (a W7A8 recipe) runs as is.
 """
 
 from __future__ import annotations
@@ -212,8 +216,9 @@ class Int8StaticLinear:
         self.bias = None if bias is None else bias.detach().float().clone()
         self.output_dtype = output_dtype
         # oneDNN writes a bf16 output from its fast int8 GEMM only where the CPU
-        # computes in bf16; elsewhere (AVX2) its reference GEMM does, ~2,500x
-        # slower (512x576 @ 576x1728: 32 s against 12 ms): float32, then a cast
+        # computes in bf16; elsewhere (AVX2) its reference GEMM does, ~5,000x
+        # slower (512x576 @ 576x1536 on an AVX2 EPYC: 15.3 s against 2.7 ms,
+        # benchmarks/onednn_int8_paths.py): float32, then a cast
         native = output_dtype == torch.float32 or (
             output_dtype == torch.bfloat16 and cpu_computes_bf16()
         )
@@ -517,8 +522,9 @@ def to_int8_cpu(
     changed, so a refused model is left exactly as it was.
 
     :param model: a model after ``oneshot`` with a W8A8 static INT8 recipe (with or
-        without SpikeFree), or loaded from such a checkpoint; on any device (it is
-        moved to the CPU)
+        without SpikeFree; weights of fewer bits too: W7A8 runs one exact GEMM per
+        linear on CPUs without VNNI, where 8-bit weights need two), or loaded from
+        such a checkpoint; on any device (it is moved to the CPU)
     :param dtype: the float dtype of everything else (norms, attention, the
         runtime's insertions, ``lm_head``) and of the int8 linears' outputs;
         ``torch.bfloat16`` runs them in bf16 (AMX / AVX-512 BF16) while the
