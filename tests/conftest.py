@@ -1,3 +1,5 @@
+import logging
+
 import pytest
 import torch
 
@@ -49,6 +51,18 @@ def calibration():
     _, tokenizer = load_model("tiny-planted")
     documents = load_documents(TextSource(path="shared/brown/brown.txt"))[:200]
     return calibration_windows(tokenizer, documents, num_samples=4, seqlen=128)
+
+
+@pytest.fixture
+def loguru_warnings(caplog):
+    """``caplog`` with loguru's warnings (and worse) routed into it: its ``text``
+    holds what the package warned while the test ran."""
+    from loguru import logger
+
+    handler = logger.add(caplog.handler, level="WARNING", format="{message}")
+    caplog.set_level(logging.WARNING)
+    yield caplog
+    logger.remove(handler)
 
 
 def count_calls(monkeypatch, owner, name: str) -> list:

@@ -263,23 +263,19 @@ def test_bf16_elsewhere_keeps_perplexity_and_the_checkpoint_weights(
 
 @pytest.mark.parametrize("native", [True, False])
 def test_bf16_elsewhere_warns_where_the_cpu_computes_no_bf16(
-    calibration, caplog, monkeypatch, native
+    calibration, loguru_warnings, monkeypatch, native
 ):
-    import logging
-
-    from loguru import logger
-
     from iq_transform.kernels import int8_cpu
 
     monkeypatch.setattr(int8_cpu, "cpu_computes_bf16", lambda: native)
     model, _ = quantized_on_cpu(calibration)
-    handler = logger.add(caplog.handler, level="WARNING", format="{message}")
-    try:
-        with caplog.at_level(logging.WARNING):
-            to_int8_cpu(model, dtype=torch.bfloat16)
-    finally:
-        logger.remove(handler)
-    assert ("neither AVX-512 BF16 nor AMX" in caplog.text) != native
+    to_int8_cpu(model, dtype=torch.bfloat16)
+    assert ("neither AVX-512 BF16 nor AMX" in loguru_warnings.text) != native
+    # 8-bit weights: the halves, and a warning naming 7-bit weights, where the
+    # CPU's GEMM saturates
+    halves = "split in two halves" in loguru_warnings.text
+    assert halves == u8_products_saturate()
+    assert ("w7a8_static_spikefree" in loguru_warnings.text) == halves
 
 
 def test_a_bf16_output_is_cast_from_float32_where_the_cpu_has_no_bf16(monkeypatch):
@@ -349,7 +345,7 @@ def test_7_bit_weights_make_one_exact_gemm_on_any_cpu():
 
 
 def test_a_w7a8_model_runs_one_gemm_per_linear_with_its_fake_quantized_products(
-    calibration, planted_windows
+    calibration, planted_windows, loguru_warnings
 ):
     model, _ = quantized_on_cpu(calibration, "w7a8_static")
     weights = model.model.layers[CARRIER_LAYER].mlp.down_proj.quantization_scheme
@@ -361,6 +357,7 @@ def test_a_w7a8_model_runs_one_gemm_per_linear_with_its_fake_quantized_products(
     kernels = [getattr(k, "group", k) for k in kernels]
     kernels = [k.kernel if isinstance(k, Int8SiblingLinears) else k for k in kernels]
     assert kernels and not any(kernel.halves for kernel in kernels)
+    assert "halves" not in loguru_warnings.text
     assert_linears_compute_their_fake_quantized_products(model)
     with torch.no_grad():
         assert_follows(model(planted_windows).logits, expected)

@@ -1,6 +1,5 @@
 """SpikeFreeModifier on the planted-spike tiny Llama: exact expectations."""
 
-import logging
 
 import pytest
 import torch
@@ -180,25 +179,20 @@ def test_yaml_recipe_round_trip(calibration):
     assert hasattr(model.model.layers[1].mlp.down_proj, "input_scale")
 
 
-def test_model_without_spikes_passes_through_and_still_quantizes(calibration, caplog):
-    from loguru import logger
-
+def test_model_without_spikes_passes_through_and_still_quantizes(
+    calibration, loguru_warnings
+):
     model, tokenizer = load_model("tiny-planted")
     with torch.no_grad():  # unplant: no marker, so no unit fires
         model.model.embed_tokens.weight[:, 3] = 0.0
         model.model.embed_tokens.weight[:, 5] = 0.0
-    handler = logger.add(caplog.handler, level="WARNING", format="{message}")
-    try:
-        with caplog.at_level(logging.WARNING):
-            apply_recipe(
-                model,
-                tokenizer,
-                [SpikeFreeModifier(), static_int8("spikefree_minmax")],
-                calibration,
-            )
-    finally:
-        logger.remove(handler)
-    assert "no spike tokens" in caplog.text
+    apply_recipe(
+        model,
+        tokenizer,
+        [SpikeFreeModifier(), static_int8("spikefree_minmax")],
+        calibration,
+    )
+    assert "no spike tokens" in loguru_warnings.text
     assert get_runtime(model) is None
     assert hasattr(model.model.layers[1].mlp.down_proj, "input_scale")
 
