@@ -1,6 +1,5 @@
 """SpikeFreeModifier on the planted-spike tiny Llama: exact expectations."""
 
-
 import pytest
 import torch
 import yaml
