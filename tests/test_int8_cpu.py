@@ -21,8 +21,11 @@ from iq_transform.kernels import (
     to_int8_cpu,
 )
 from iq_transform.kernels.int8_cpu import (
+    SMALL_GEMM_ROWS,
     Int8SiblingLinears,
     Int8StaticLinear,
+    fbgemm_available,
+    fbgemm_products_saturate,
     u8_products_saturate,
 )
 from iq_transform.kernels.rotations import (
@@ -295,21 +298,27 @@ def test_a_bf16_output_is_cast_from_float32_where_the_cpu_has_no_bf16(monkeypatc
 
 
 def _extreme_products(
-    halves: bool | None, weight_bits: int = 8
+    halves: bool | None, weight_bits: int = 8, rows: int = 5, small_rows: int = 0
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """(got, exact) for activation codes at the ends of int8 and weight codes at
-    the ends of ``weight_bits``: with 8 bits every pair of u8 x s8 products
-    overflows 16 bits."""
+    """(got, exact) for ``rows`` of activation codes at the ends of int8 and
+    weight codes at the ends of ``weight_bits`` (with 8 bits every pair of u8 x s8
+    products overflows 16 bits), in oneDNN's GEMM unless ``small_rows``."""
     torch.manual_seed(0)
     scale = 0.02
     high = 2 ** (weight_bits - 1) - 1
     signs = torch.randint(0, 2, (24, 64), dtype=torch.int8)
     weight_codes = signs * -(2 * high + 1) + high
     weight_scale = torch.rand(24) / 100 + 1e-3
-    sign = torch.randint(0, 2, (5, 64)) * 2 - 1
+    sign = torch.randint(0, 2, (rows, 64)) * 2 - 1
     x = sign * 1000 * scale  # quantized to 127 and -128, clamped
     kernel = Int8StaticLinear(
-        None, scale, weight_codes, weight_scale, torch.float32, halves=halves
+        None,
+        scale,
+        weight_codes,
+        weight_scale,
+        torch.float32,
+        halves=halves,
+        small_rows=small_rows,
     )
     codes = torch.where(sign > 0, 127, -128)
     exact = (codes.double() @ weight_codes.double().T) * scale * weight_scale
@@ -363,6 +372,25 @@ def test_a_w7a8_model_runs_one_gemm_per_linear_with_its_fake_quantized_products(
         assert_follows(model(planted_windows).logits, expected)
 
 
+@pytest.mark.parametrize("weight_bits", [7, 8])
+@pytest.mark.parametrize("rows", [1, 8, SMALL_GEMM_ROWS, SMALL_GEMM_ROWS + 1])
+def test_small_inputs_run_in_fbgemm_with_the_same_exact_products(weight_bits, rows):
+    """Decode-sized inputs go to FBGEMM's static int8 linear (a fraction of
+    oneDNN's per-call cost) wherever it does not saturate with the weights; larger
+    ones, and weights it would saturate with, stay with oneDNN. Exact either way."""
+    got, exact = _extreme_products(None, weight_bits, rows, SMALL_GEMM_ROWS)
+    torch.testing.assert_close(got, exact, rtol=1e-6, atol=0)
+    codes = torch.full((4, 8), 2 ** (weight_bits - 1) - 1, dtype=torch.int8)
+    kernel = Int8StaticLinear(None, 0.02, codes, torch.ones(4), torch.float32)
+    usable = fbgemm_available() and (weight_bits == 7 or not fbgemm_products_saturate())
+    assert (kernel.small_packed is not None) == usable
+    if usable:
+        x = torch.randn(rows, 8)
+        small = kernel(x)
+        kernel.small_rows = 0  # the same kernel in oneDNN
+        torch.testing.assert_close(small, kernel(x), rtol=1e-6, atol=1e-6)
+
+
 def test_the_int8_gemm_is_a_fast_onednn_kernel_on_this_cpu():
     """oneDNN runs s8 activations only in its reference GEMM on CPUs without AMX
     (~4,000x slower on AVX-512 VNNI): the executed linears feed it u8 codes."""
@@ -376,7 +404,7 @@ def test_the_int8_gemm_is_a_fast_onednn_kernel_on_this_cpu():
         "codes = torch.randint(-127, 128, (96, 64), dtype=torch.int8)\n"
         "kernel = Int8StaticLinear(linear.bias, 0.02, codes, torch.rand(96) / 100,"
         " torch.float32)\n"
-        "kernel(torch.randn(32, 64))\n"
+        f"kernel(torch.randn({SMALL_GEMM_ROWS + 1}, 64))\n"
     )
     run = subprocess.run(
         [sys.executable, "-c", script],

@@ -48,6 +48,10 @@ __all__ = [
     "Int8SiblingLinears",
     "Int8StaticLinear",
     "cpu_computes_bf16",
+    "fbgemm_available",
+    "fbgemm_linear",
+    "fbgemm_prepack",
+    "fbgemm_products_saturate",
     "int8_gemm",
     "is_int8_executed",
     "products_saturate",
@@ -71,6 +75,10 @@ HALVES_ZERO_POINT = ACTIVATION_ZERO_POINT // 2
 # no pair of u8 x s8 products overflows 16 bits where no weight code exceeds this
 # in magnitude: 2 * 255 * 64 = 32,640 (7-bit weights: codes from -64 to 63)
 PAIR_SAFE_WEIGHT_CODE = 64
+# inputs of at most this many rows (decode steps) go to FBGEMM's static int8 linear:
+# oneDNN's GEMM costs ~130-230 us a call there, FBGEMM's 30-60 (an AVX2 EPYC; the
+# two meet near 256 rows)
+SMALL_GEMM_ROWS = 64
 # its fused per-tensor quantization is the fastest CPU path in torch 2.13 (pinned);
 # deprecated there (torch is pinned), so its warning is not repeated to users
 warnings.filterwarnings("ignore", message="torch.quantize_per_tensor", module=__name__)
@@ -106,15 +114,62 @@ def u8_products_saturate() -> bool:
     return bool(product[0, 0] != inputs * 127 * 127)
 
 
+def fbgemm_available() -> bool:
+    """Whether this torch build has FBGEMM's quantized engine (x86)."""
+    return "fbgemm" in torch.backends.quantized.supported_engines
+
+
+@functools.cache
+def fbgemm_products_saturate() -> bool:
+    """:func:`u8_products_saturate` for FBGEMM's static int8 linear, which picks
+    its kernels apart from oneDNN (without AVX-512 VNNI it adds pairs of products
+    in 16 bits even where oneDNN has AVX-VNNI)."""
+    inputs, weights = 64, 8
+    packed = fbgemm_prepack(
+        torch.full((weights, inputs), 127, dtype=torch.int8), torch.ones(weights)
+    )
+    product = fbgemm_linear(torch.full((1, inputs), 127.0), 1.0, packed)
+    return bool(product[0, 0] != inputs * 127 * 127)
+
+
+def fbgemm_prepack(
+    codes: torch.Tensor, weight_scale: torch.Tensor, bias: torch.Tensor | None = None
+):
+    """FBGEMM's packed (out, in) int8 ``codes`` with per-channel scales and bias."""
+    weight = torch._make_per_channel_quantized_tensor(
+        codes, weight_scale.double(), torch.zeros(len(codes), dtype=torch.long), 0
+    )
+    engine = torch.backends.quantized.engine
+    torch.backends.quantized.engine = "fbgemm"  # the packing's engine, not x86's
+    try:
+        return torch.ops.quantized.linear_prepack(weight, bias)
+    finally:
+        torch.backends.quantized.engine = engine
+
+
+def fbgemm_linear(x: torch.Tensor, input_scale: float, packed) -> torch.Tensor:
+    """(rows, out) float32 product of float32 ``x`` (rows, in), quantized to u8
+    codes with ``input_scale`` and zero point 128 (the same codes as
+    :class:`Int8StaticLinear`'s), with FBGEMM's packed weight: int32 accumulation,
+    dequantized by both scales, plus the bias."""
+    return torch.ops.quantized.linear_with_input_q_dq_qweight_dq_output_fp32(
+        x, input_scale, ACTIVATION_ZERO_POINT, packed
+    )
+
+
+def _pairs_fit_in_16_bits(weight_codes: torch.Tensor) -> bool:
+    if weight_codes.numel() == 0:
+        return True
+    low, high = torch.aminmax(weight_codes)
+    return max(-int(low), int(high)) <= PAIR_SAFE_WEIGHT_CODE
+
+
 def products_saturate(weight_codes: torch.Tensor) -> bool:
     """Whether oneDNN's u8 x s8 GEMM on this CPU can saturate with these (out, in)
     int8 weight codes: only where it adds pairs of products in 16 bits
     (:func:`u8_products_saturate`) and some code exceeds 64 in magnitude, as
     8-bit weights do; 7-bit weights (a W7A8 recipe) never saturate."""
-    if not u8_products_saturate() or weight_codes.numel() == 0:
-        return False
-    low, high = torch.aminmax(weight_codes)
-    return max(-int(low), int(high)) > PAIR_SAFE_WEIGHT_CODE
+    return u8_products_saturate() and not _pairs_fit_in_16_bits(weight_codes)
 
 
 def cpu_computes_bf16() -> bool:
@@ -189,6 +244,9 @@ class Int8StaticLinear:
         (:func:`split_in_halves`; exact, twice the int8 work) instead of as they
         are; ``None``: where the CPU's int8 GEMM would saturate with these weight
         codes (:func:`products_saturate`)
+    :param small_rows: inputs of at most this many rows run in FBGEMM's static
+        int8 linear (:func:`fbgemm_linear`), where it exists and does not saturate
+        with these weight codes; 0: oneDNN always
     """
 
     def __init__(
@@ -200,6 +258,7 @@ class Int8StaticLinear:
         output_dtype: torch.dtype,
         rotate: Callable | None = None,
         halves: bool | None = None,
+        small_rows: int = SMALL_GEMM_ROWS,
     ):
         self.input_scale = input_scale
         self.out_features, self.in_features = codes.shape
@@ -208,12 +267,18 @@ class Int8StaticLinear:
         if order is not None:
             codes = codes[:, order].contiguous()
         self.halves = products_saturate(codes) if halves is None else halves
+        self.bias = None if bias is None else bias.detach().float().clone()
+        self.small_rows, self.small_packed = small_rows, None
+        exact = not fbgemm_products_saturate() or _pairs_fit_in_16_bits(codes)
+        if small_rows > 0 and fbgemm_available() and exact:
+            # it takes the codes as floats (see product): both scales in the weight's
+            scales = weight_scale.double() * input_scale
+            self.small_packed = fbgemm_prepack(codes, scales, self.bias)
         if self.halves:
             codes = torch.cat([codes, codes], dim=1)
         self.packed = torch.ops.onednn.qlinear_prepack(codes, None)
         self.weight_scale = weight_scale
         self.weight_zero_point = torch.zeros_like(weight_scale, dtype=torch.int32)
-        self.bias = None if bias is None else bias.detach().float().clone()
         self.output_dtype = output_dtype
         # oneDNN writes a bf16 output from its fast int8 GEMM only where the CPU
         # computes in bf16; elsewhere (AVX2) its reference GEMM does, ~5,000x
@@ -236,6 +301,13 @@ class Int8StaticLinear:
         flat = x.reshape(-1, self.in_features)
         if flat.dtype != torch.float32:
             flat = flat.float()
+        if self.small_packed is not None and flat.shape[0] <= self.small_rows:
+            # the fake-quantized codes, round(x / scale), as floats: FBGEMM adds
+            # the zero point before it rounds, which moves values within a float
+            # ulp of a half at 128 to the other code (~1e-5 of them)
+            codes = torch.div(flat, self.input_scale).round_()
+            product = fbgemm_linear(codes, 1.0, self.small_packed)
+            return product.to(self.output_dtype)
         quantized = torch.quantize_per_tensor(flat, self.input_scale, 0, torch.qint8)
         # its bytes are the int8 codes: a view, where int_repr() would copy them
         codes = torch.empty(0, dtype=torch.uint8).set_(
