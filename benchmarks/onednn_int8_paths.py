@@ -13,6 +13,12 @@ fp32, each checked against the exact int32 product of its codes:
   AVX-512 BF16 or AMX oneDNN writes it from its reference GEMM, so it is timed
   once there (the executed model writes float32 and casts instead).
 
+Then, by rows (1 to 512: decode steps to prefill), the executed linear
+(``Int8StaticLinear``, 7-bit weight codes, which no CPU saturates) in oneDNN and
+in FBGEMM's static int8 linear (its path for at most ``SMALL_GEMM_ROWS`` rows),
+beside fp32, at two SmolLM2 shapes (q/k/v joined, and ``down_proj``), each checked
+against the exact product of its codes.
+
 ::
 
     python benchmarks/onednn_int8_paths.py
@@ -21,6 +27,7 @@ fp32, each checked against the exact int32 product of its codes:
 
 from __future__ import annotations
 
+import functools
 import time
 
 import torch
@@ -29,13 +36,19 @@ from iq_transform.kernels.int8_cpu import (
     ACTIVATION_ZERO_POINT,
     HALVES_ZERO_POINT,
     SIGN_BIT,
+    SMALL_GEMM_ROWS,
+    Int8StaticLinear,
     cpu_computes_bf16,
+    fbgemm_available,
     int8_gemm,
     split_in_halves,
     u8_products_saturate,
 )
 
 M, K, N = 512, 576, 1536
+# (in, out) of q/k/v joined and of down_proj in SmolLM2-135M
+SMALL_SHAPES = ((576, 960), (1536, 576))
+ROWS = (1, 8, 64, 256, 512)
 
 
 def timed_ms(fn, repeats: int) -> float:
@@ -88,6 +101,43 @@ def main() -> None:
     for name, (run, repeats) in paths.items():
         error = (run().double() - exact).abs().max().item()
         print(f"{name}: {timed_ms(run, repeats):.2f} ms, max |error| {error:.0f}")
+    if fbgemm_available():
+        by_rows()
+
+
+def by_rows() -> None:
+    """The executed linear in oneDNN and in FBGEMM, by rows, beside fp32 (us)."""
+    print(
+        f"\nInt8StaticLinear, 7-bit weight codes, by rows (FBGEMM at most "
+        f"{SMALL_GEMM_ROWS} rows in the executed model), us a call"
+    )
+    print("| in → out | rows | fp32 | oneDNN | FBGEMM | rel. error oneDNN / FBGEMM |")
+    print("|---|---|---|---|---|---|")
+    scale = 0.02
+    for features, outputs in SMALL_SHAPES:
+        codes = torch.randint(-64, 64, (outputs, features), dtype=torch.int8)
+        weight_scale = torch.rand(outputs) / 100 + 1e-3
+        weight = codes.float() * weight_scale.unsqueeze(1)
+        kernel = Int8StaticLinear(
+            None, scale, codes, weight_scale, torch.float32, small_rows=max(ROWS)
+        )
+        for rows in ROWS:
+            activation_codes = torch.randint(-128, 128, (rows, features))
+            inputs = activation_codes.float() * scale  # no rounding ties
+            exact = (activation_codes.double() @ codes.double().T) * scale
+            exact = exact * weight_scale.double()
+            errors, times = [], []
+            for small_rows in (0, max(ROWS)):  # oneDNN, then FBGEMM
+                kernel.small_rows = small_rows
+                error = (kernel(inputs).double() - exact).abs().max()
+                errors.append(f"{error.item() / exact.abs().max().item():.0e}")
+                times.append(timed_ms(functools.partial(kernel, inputs), 50) * 1e3)
+            fp32 = timed_ms(functools.partial(torch.matmul, inputs, weight.T), 50)
+            fp32 *= 1e3
+            print(
+                f"| {features} → {outputs} | {rows} | {fp32:.0f} | {times[0]:.0f} | "
+                f"{times[1]:.0f} | {' / '.join(errors)} |"
+            )
 
 
 if __name__ == "__main__":
