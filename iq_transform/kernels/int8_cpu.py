@@ -303,8 +303,8 @@ class Int8StaticLinear:
             flat = flat.float()
         if self.small_packed is not None and flat.shape[0] <= self.small_rows:
             # the fake-quantized codes, round(x / scale), as floats: FBGEMM adds
-            # the zero point before it rounds, which moves values within a float
-            # ulp of a half at 128 to the other code (~1e-5 of them)
+            # the zero point before it rounds, so values within a float ulp of a
+            # half can land on the other code
             codes = torch.div(flat, self.input_scale).round_()
             product = fbgemm_linear(codes, 1.0, self.small_packed)
             return product.to(self.output_dtype)
