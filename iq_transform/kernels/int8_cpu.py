@@ -76,8 +76,8 @@ HALVES_ZERO_POINT = ACTIVATION_ZERO_POINT // 2
 # in magnitude: 2 * 255 * 64 = 32,640 (7-bit weights: codes from -64 to 63)
 PAIR_SAFE_WEIGHT_CODE = 64
 # inputs of at most this many rows (decode steps) go to FBGEMM's static int8 linear:
-# oneDNN's GEMM costs ~130-230 us a call there, FBGEMM's 30-60 (an AVX2 EPYC; the
-# two meet near 256 rows)
+# at one row oneDNN's GEMM costs 206-219 us a call, FBGEMM's 84-110, and the two
+# meet near 64 rows (benchmarks/onednn_int8_paths.py on an AVX2 EPYC)
 SMALL_GEMM_ROWS = 64
 # its fused per-tensor quantization is the fastest CPU path in torch 2.13 (pinned);
 # deprecated there (torch is pinned), so its warning is not repeated to users
@@ -269,8 +269,11 @@ class Int8StaticLinear:
         self.halves = products_saturate(codes) if halves is None else halves
         self.bias = None if bias is None else bias.detach().float().clone()
         self.small_rows, self.small_packed = small_rows, None
-        exact = not fbgemm_products_saturate() or _pairs_fit_in_16_bits(codes)
-        if small_rows > 0 and fbgemm_available() and exact:
+        if (
+            small_rows > 0
+            and fbgemm_available()
+            and (not fbgemm_products_saturate() or _pairs_fit_in_16_bits(codes))
+        ):
             # it takes the codes as floats (see product): both scales in the weight's
             scales = weight_scale.double() * input_scale
             self.small_packed = fbgemm_prepack(codes, scales, self.bias)
