@@ -117,11 +117,21 @@ ALLOCATORS = ("keep-freed", "glibc-default")
 # torch.profiler op names whose self time makes up each part of a forward
 PARTS = {
     "attention": ("scaled_dot_product",),
-    "int8 GEMMs": ("qlinear_pointwise", "linear_dynamic"),
+    "int8 GEMMs": (
+        "qlinear_pointwise",
+        "linear_dynamic",
+        "linear_with_input_q_dq_qweight_dq_output_fp32",
+    ),
     "float GEMMs": ("aten::mm", "aten::addmm", "aten::bmm"),
 }
 # what the shares of a forward are taken of
-SHARED_VARIANTS = ("int8 static + SpikeFree (to_int8_cpu)", "dynamic int8")
+EXECUTED = "int8 static + SpikeFree (to_int8_cpu)"
+SHARED_VARIANTS = (EXECUTED, "dynamic int8")
+
+
+def executed_name(recipe: str) -> str:
+    """The variant name of ``--also-recipe``'s ``recipe``, executed."""
+    return f"int8 static + SpikeFree, {Path(recipe).stem}"
 
 
 def forward_shares(run) -> dict[str, float]:
@@ -157,9 +167,7 @@ def build_variants(args, tokenizer_windows) -> dict[str, nn.Module]:
     # oneshot once; the static variants load its checkpoint (exact reload)
     checkpoint = calibrated(args, args.recipe, tokenizer, calibration)
     variants[FAKE] = load_pretrained(checkpoint)
-    variants["int8 static + SpikeFree (to_int8_cpu)"] = to_int8_cpu(
-        load_pretrained(checkpoint)
-    )
+    variants[EXECUTED] = to_int8_cpu(load_pretrained(checkpoint))
     variants["int8 static + SpikeFree, bf16 elsewhere"] = to_int8_cpu(
         load_pretrained(checkpoint), dtype=torch.bfloat16
     )
@@ -169,11 +177,8 @@ def build_variants(args, tokenizer_windows) -> dict[str, nn.Module]:
     )
     for recipe in args.also_recipe:  # e.g. W7A8: one GEMM where W8A8 needs halves
         checkpoint = calibrated(args, recipe, tokenizer, calibration)
-        stem = Path(recipe).stem
-        variants[f"fake-quant {stem}"] = load_pretrained(checkpoint)
-        variants[f"int8 static + SpikeFree, {stem}"] = to_int8_cpu(
-            load_pretrained(checkpoint)
-        )
+        variants[f"fake-quant {Path(recipe).stem}"] = load_pretrained(checkpoint)
+        variants[executed_name(recipe)] = to_int8_cpu(load_pretrained(checkpoint))
     return variants, tokenizer
 
 
@@ -331,8 +336,7 @@ def main() -> None:
             times[name][key] = timed(run, max(args.repeats, 5))
             print(f"{key} {name}: {times[name][key] * 1e3:.1f} ms", flush=True)
     # the runtime's own share of the executed model's forward
-    int8_name = "int8 static + SpikeFree (to_int8_cpu)"
-    int8_model = variants[int8_name]
+    int8_model = variants[EXECUTED]
     runtime = get_runtime(int8_model)
     templates = [layer.templates for layer in runtime.layers]
     overhead = {}
@@ -354,9 +358,7 @@ def main() -> None:
             torch.device("cpu"),
             max(args.repeats, 5),
         )
-    executed_also = {
-        f"int8 static + SpikeFree, {Path(r).stem}" for r in args.also_recipe
-    }
+    executed_also = {executed_name(recipe) for recipe in args.also_recipe}
     # where the time of the executed model and of dynamic int8 goes: the part
     # both share (attention) bounds what faster linears can gain over dynamic
     shares = {

@@ -24,8 +24,10 @@ from iq_transform.kernels.int8_cpu import (
     SMALL_GEMM_ROWS,
     Int8SiblingLinears,
     Int8StaticLinear,
+    executed_kernels,
     fbgemm_available,
     fbgemm_products_saturate,
+    kernel_of,
     u8_products_saturate,
 )
 from iq_transform.kernels.rotations import (
@@ -362,9 +364,7 @@ def test_a_w7a8_model_runs_one_gemm_per_linear_with_its_fake_quantized_products(
     with torch.no_grad():
         expected = model(planted_windows).logits
     to_int8_cpu(model)
-    kernels = [m.int8_kernel for m in model.modules() if hasattr(m, "int8_kernel")]
-    kernels = [getattr(k, "group", k) for k in kernels]
-    kernels = [k.kernel if isinstance(k, Int8SiblingLinears) else k for k in kernels]
+    kernels = executed_kernels(model)
     assert kernels and not any(kernel.halves for kernel in kernels)
     assert "halves" not in loguru_warnings.text
     assert_linears_compute_their_fake_quantized_products(model)
@@ -442,7 +442,7 @@ def test_siblings_share_one_gemm_with_their_own_outputs(calibration, planted_win
 
 
 def test_a_sibling_product_is_made_anew_for_another_or_rewritten_input():
-    from iq_transform.kernels.int8_cpu import Int8SiblingLinears, _SiblingColumns
+    from iq_transform.kernels.int8_cpu import _SiblingColumns
 
     torch.manual_seed(0)
     first, second = torch.nn.Linear(16, 8), torch.nn.Linear(16, 4)
@@ -487,12 +487,6 @@ def _executed_quip(calibration, join_siblings: bool = True, structured: bool = T
         return to_int8_cpu(model, join_siblings=join_siblings), tokenizer
 
 
-def _rotation_of(module):
-    """The rotation an executed linear's kernel applies (its group's, if joined)."""
-    group = getattr(module.int8_kernel, "group", None)
-    return (module.int8_kernel if group is None else group.kernel).rotate
-
-
 @pytest.fixture(scope="module")
 def quip(calibration):
     fake, tokenizer = quantized("w8a8_static", "quip_gptq", calibration)
@@ -509,7 +503,7 @@ def test_online_rotations_run_in_the_kernels_once_per_input(quip):
         # down_proj keeps the runtime's, which acts on the unrotated input
         assert not input_changing_hooks(module, besides=runtime_hooks)
         assert input_rotation(module) is not None
-        assert isinstance(_rotation_of(module), KroneckerRotation)
+        assert isinstance(kernel_of(module).rotate, KroneckerRotation)
     groups = {
         id(m.int8_kernel.group) for m in linears if hasattr(m.int8_kernel, "group")
     }
@@ -538,7 +532,7 @@ def test_executed_rotations_follow_the_fake_quantized_model(
     for module in dense.modules():
         if hasattr(module, "int8_kernel"):
             # a transform (one of the equal ones, shared), not its factors
-            assert type(_rotation_of(module)) is type(input_rotation(module))
+            assert type(kernel_of(module).rotate) is type(input_rotation(module))
     with torch.no_grad():
         assert_follows(dense(planted_windows).logits, expected)
 

@@ -25,6 +25,7 @@ import functools
 import types
 import warnings
 from collections.abc import Callable
+from typing import NamedTuple
 
 import torch
 from compressed_tensors.quantization.lifecycle.forward import quantize
@@ -48,12 +49,14 @@ __all__ = [
     "Int8SiblingLinears",
     "Int8StaticLinear",
     "cpu_computes_bf16",
+    "executed_kernels",
     "fbgemm_available",
     "fbgemm_linear",
     "fbgemm_prepack",
     "fbgemm_products_saturate",
     "int8_gemm",
     "is_int8_executed",
+    "kernel_of",
     "products_saturate",
     "split_in_halves",
     "to_int8_cpu",
@@ -93,25 +96,45 @@ def is_int8_executed(model: nn.Module) -> bool:
     return bool(getattr(model, _EXECUTED_ATTRIBUTE, False))
 
 
+def _pairs_saturate(product: Callable[[torch.Tensor], torch.Tensor]) -> bool:
+    """Whether an int8 GEMM adds pairs of u8 x s8 products in 16 bits, saturating:
+    without VNNI (AVX2, AVX-512 before Cascade Lake, Zen 2-3) x86 multiplies with
+    ``vpmaddubsw``, whose pair sums reach 2 * 255 * 127 and are clipped at 32767,
+    so the results are wrong, not merely rounded. Found by one small product whose
+    every pair saturates there (codes 127 against weights 127), not by reading CPU
+    flags: it is what the kernel does that matters.
+
+    :param product: the GEMM: (1, in) float32 output of the u8 codes 127 + 128
+        (zero point 128) with the given (out, in) int8 weight codes, scales 1
+    """
+    inputs, weights = 64, 8
+    result = product(torch.full((weights, inputs), 127, dtype=torch.int8))
+    return bool(result[0, 0] != inputs * 127 * 127)
+
+
+def _onednn_product(weight_codes: torch.Tensor) -> torch.Tensor:
+    packed = torch.ops.onednn.qlinear_prepack(weight_codes, None)
+    scale = torch.ones(len(weight_codes))
+    codes = torch.full(
+        (1, weight_codes.shape[1]), 127 + ACTIVATION_ZERO_POINT, dtype=torch.uint8
+    )
+    zero_points = torch.zeros_like(scale, dtype=torch.int32)
+    return int8_gemm(
+        codes, 1.0, ACTIVATION_ZERO_POINT, packed, scale, zero_points, None,
+        torch.float32,
+    )  # fmt: skip
+
+
+def _fbgemm_product(weight_codes: torch.Tensor) -> torch.Tensor:
+    packed = fbgemm_prepack(weight_codes, torch.ones(len(weight_codes)))
+    return fbgemm_linear(torch.full((1, weight_codes.shape[1]), 127.0), 1.0, packed)
+
+
 @functools.cache
 def u8_products_saturate() -> bool:
-    """Whether oneDNN's int8 GEMM on this CPU adds pairs of u8 x s8 products in
-    16 bits, saturating: without VNNI (AVX2, AVX-512 before Cascade Lake, Zen 2-3)
-    it multiplies with ``vpmaddubsw``, whose pair sums reach 2 * 255 * 127 and are
-    clipped at 32767, so its results are wrong, not merely rounded. Found by one
-    small product whose every pair saturates there (codes 127 against weights
-    127), not by reading CPU flags: it is what the kernel does that matters."""
-    inputs, weights = 64, 8
-    packed = torch.ops.onednn.qlinear_prepack(
-        torch.full((weights, inputs), 127, dtype=torch.int8), None
-    )
-    codes = torch.full((1, inputs), 127 + ACTIVATION_ZERO_POINT, dtype=torch.uint8)
-    scale = torch.ones(weights)
-    product = int8_gemm(
-        codes, 1.0, ACTIVATION_ZERO_POINT, packed, scale,
-        torch.zeros_like(scale, dtype=torch.int32), None, torch.float32,
-    )  # fmt: skip
-    return bool(product[0, 0] != inputs * 127 * 127)
+    """Whether oneDNN's int8 GEMM on this CPU saturates pairs of products in 16
+    bits (:func:`_pairs_saturate`)."""
+    return _pairs_saturate(_onednn_product)
 
 
 def fbgemm_available() -> bool:
@@ -121,15 +144,10 @@ def fbgemm_available() -> bool:
 
 @functools.cache
 def fbgemm_products_saturate() -> bool:
-    """:func:`u8_products_saturate` for FBGEMM's static int8 linear, which picks
-    its kernels apart from oneDNN (without AVX-512 VNNI it adds pairs of products
-    in 16 bits even where oneDNN has AVX-VNNI)."""
-    inputs, weights = 64, 8
-    packed = fbgemm_prepack(
-        torch.full((weights, inputs), 127, dtype=torch.int8), torch.ones(weights)
-    )
-    product = fbgemm_linear(torch.full((1, inputs), 127.0), 1.0, packed)
-    return bool(product[0, 0] != inputs * 127 * 127)
+    """Whether FBGEMM's static int8 linear saturates pairs of products in 16 bits
+    (:func:`_pairs_saturate`): it picks its kernels apart from oneDNN (without
+    AVX-512 VNNI it adds pairs in 16 bits even where oneDNN has AVX-VNNI)."""
+    return _pairs_saturate(_fbgemm_product)
 
 
 def fbgemm_prepack(
@@ -420,8 +438,18 @@ class _SiblingColumns:
         return self.group.columns_of(self.sibling, x)
 
 
-def _kernel_of(forward: Int8StaticLinear | _SiblingColumns) -> Int8StaticLinear:
+def kernel_of(linear: nn.Linear) -> Int8StaticLinear:
+    """The int8 GEMM that computes an executed ``linear``'s output (its sibling
+    group's, where it shares one)."""
+    forward = linear.int8_kernel
     return forward.group.kernel if isinstance(forward, _SiblingColumns) else forward
+
+
+def executed_kernels(model: nn.Module) -> list[Int8StaticLinear]:
+    """The int8 GEMMs of a model :func:`to_int8_cpu` has converted, each once
+    (siblings that share one count once)."""
+    kernels = [kernel_of(m) for m in model.modules() if hasattr(m, "int8_kernel")]
+    return list({id(kernel): kernel for kernel in kernels}.values())
 
 
 def _int8_forward(self: nn.Linear, x: torch.Tensor) -> torch.Tensor:
@@ -549,9 +577,16 @@ def _kernel_rotations(
     return rotations
 
 
+class _KernelInput(NamedTuple):
+    """What a linear's int8 kernel does to its input before the GEMM."""
+
+    scale: float
+    rotate: Callable | None
+
+
 def _sibling_groups(
     model: nn.Module,
-    forwards: dict[nn.Module, Int8StaticLinear],
+    inputs: dict[nn.Linear, _KernelInput],
     rotations: dict[nn.Linear, tuple[int, Callable]],
 ) -> list[list[nn.Linear]]:
     """The linears each decoder layer's norms feed (the architecture's
@@ -565,11 +600,11 @@ def _sibling_groups(
     for layer in arch.decoder_layers(model):
         for names in arch.norm_linears.values():
             siblings = [layer.get_submodule(name) for name in names]
-            if len(siblings) < 2 or any(s not in forwards for s in siblings):
+            if len(siblings) < 2 or any(s not in inputs for s in siblings):
                 continue
-            if len({forwards[s].input_scale for s in siblings}) != 1:
+            if len({inputs[s].scale for s in siblings}) != 1:
                 continue
-            if len({id(forwards[s].rotate) for s in siblings}) != 1:
+            if len({id(inputs[s].rotate) for s in siblings}) != 1:
                 continue
             if any(len(input_changing_hooks(s)) > (s in rotations) for s in siblings):
                 continue
@@ -658,25 +693,27 @@ def to_int8_cpu(
     weights = {module: _weight_codes(module) for _, module in quantized}
     template_outputs = _template_outputs(model, weights)
     rotations = _kernel_rotations(model, [module for _, module in quantized])
-    forwards = {}
-    for _, module in quantized:
-        codes, weight_scale = weights[module]
-        input_scale = float(module.input_scale.detach().float().reshape(-1)[0])
-        rotate = rotations[module][1] if module in rotations else None
-        forwards[module] = Int8StaticLinear(
-            module.bias, input_scale, codes, weight_scale, dtype, rotate
+    inputs = {
+        module: _KernelInput(
+            float(module.input_scale.detach().float().reshape(-1)[0]),
+            rotations[module][1] if module in rotations else None,
         )
-    groups = _sibling_groups(model, forwards, rotations) if join_siblings else []
+        for _, module in quantized
+    }
+    groups = _sibling_groups(model, inputs, rotations) if join_siblings else []
+    forwards: dict[nn.Linear, Int8StaticLinear | _SiblingColumns] = {}
     for siblings in groups:
-        group = Int8SiblingLinears(
-            siblings,
-            forwards[siblings[0]].input_scale,
-            [weights[sibling] for sibling in siblings],
-            dtype,
-            forwards[siblings[0]].rotate,
-        )
+        scale, rotate = inputs[siblings[0]]
+        shared = [weights[sibling] for sibling in siblings]
+        group = Int8SiblingLinears(siblings, scale, shared, dtype, rotate)
         for sibling in siblings:
             forwards[sibling] = _SiblingColumns(group, sibling)
+    for module, (scale, rotate) in inputs.items():
+        if module not in forwards:
+            codes, weight_scale = weights[module]
+            forwards[module] = Int8StaticLinear(
+                module.bias, scale, codes, weight_scale, dtype, rotate
+            )
     # the float weights stay: save_pretrained still writes the checkpoint
     for module, (hook_id, _) in rotations.items():
         del module._forward_pre_hooks[hook_id]
@@ -700,7 +737,7 @@ def to_int8_cpu(
             "(the int8 GEMMs write float32 and cast): pass dtype=torch.float32 "
             "here"
         )
-    kernels = {id(k): k for k in map(_kernel_of, forwards.values())}.values()
+    kernels = executed_kernels(model)
     in_halves = sum(kernel.halves for kernel in kernels)
     if in_halves:
         logger.warning(
