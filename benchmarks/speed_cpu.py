@@ -26,6 +26,11 @@ first calls ``keep_freed_memory()`` (``--allocator keep-freed``): glibc would
 otherwise fault in fresh pages for every activation above 32 MiB (batched
 prefill), in every variant alike.
 
+The ceiling table bounds what int8 linears alone can gain on this CPU: each
+decoder GEMM of the fp32 model and of the executed one timed alone at the
+prefill's rows (``linear_seconds``), and fp32's forward with the first replaced by
+the second; beside it, the time each model spends outside its linears.
+
     python benchmarks/speed_cpu.py --model smollm2-135m --output \
         benchmarks/results/speed_cpu_smollm2.json
 """
@@ -57,6 +62,12 @@ from iq_transform.evaluation.perplexity import perplexity
 from iq_transform.export import load_pretrained
 from iq_transform.export.save import save_checkpoint
 from iq_transform.kernels import keep_freed_memory, to_int8_cpu
+from iq_transform.kernels.int8_cpu import (
+    ACTIVATION_ZERO_POINT,
+    HALVES_ZERO_POINT,
+    executed_kernels,
+    int8_gemm,
+)
 from iq_transform.models import get_arch_spec, load_model
 
 RECIPE = "recipes/w8a8_static_spikefree.yaml"
@@ -85,6 +96,43 @@ def weight_bytes(model: nn.Module, bytes_per_weight: float) -> float:
 def prefill(model: nn.Module, ids: torch.Tensor) -> None:
     with torch.no_grad():
         model(input_ids=ids, use_cache=False, logits_to_keep=1)
+
+
+def linear_seconds(
+    fp32: nn.Module, executed: nn.Module, rows: int, repeats: int
+) -> dict[str, float]:
+    """Seconds of one forward's decoder linears at ``rows`` input rows, each GEMM
+    timed alone on a random input and counted as often as the model runs it:
+    ``fp32``, ``fp32``'s own weights in ``F.linear``; ``int8``, the executed
+    model's packed weights in oneDNN's int8 GEMM (its halves too, where it has
+    them) fed u8 codes directly, without the quantization. What the linears alone
+    could gain, with everything else as it is."""
+    counts: dict[tuple, list] = {}
+    for linear in decoder_linears(fp32):
+        counts.setdefault(tuple(linear.weight.shape), []).append(linear)
+    seconds = {"fp32": 0.0, "int8": 0.0}
+    with torch.no_grad():
+        for linears in counts.values():
+            weight = linears[0].weight
+            x = torch.randn(rows, weight.shape[1])
+            run = lambda x=x, w=weight: nn.functional.linear(x, w)  # noqa: E731
+            seconds["fp32"] += timed(run, repeats) * len(linears)
+        gemms: dict[tuple, list] = {}
+        for kernel in executed_kernels(executed):
+            shape = (kernel.in_features, kernel.out_features, kernel.halves)
+            gemms.setdefault(shape, []).append(kernel)
+        for (in_features, _, halves), kernels in gemms.items():
+            k = kernels[0]
+            width = 2 * in_features if halves else in_features
+            codes = torch.randint(0, 256, (rows, width), dtype=torch.uint8)
+            zero_point = HALVES_ZERO_POINT if halves else ACTIVATION_ZERO_POINT
+            args = (k.packed, k.weight_scale, k.weight_zero_point, k.bias)
+
+            def run(codes=codes, zero_point=zero_point, args=args) -> None:
+                int8_gemm(codes, 1.0, zero_point, *args, torch.float32)
+
+            seconds["int8"] += timed(run, repeats) * len(kernels)
+    return seconds
 
 
 def decode_step(model: nn.Module, ids: torch.Tensor, cached: int):
@@ -371,6 +419,17 @@ def main() -> None:
         for name, model in variants.items()
         if name.startswith(SHARED_VARIANTS) or name in executed_also
     }
+    # the linears' own ceiling: every decoder GEMM at the int8 kernel's speed,
+    # all else at fp32's
+    linears = {
+        name: {
+            f"prefill {batch}x{seqlen}": linear_seconds(
+                variants["fp32"], variants[name], batch * seqlen, args.repeats
+            )
+            for batch, seqlen in shapes
+        }
+        for name in (EXECUTED, *sorted(executed_also))
+    }
     ppl = {
         name: perplexity(model, evaluation, progress=False).ppl
         for name, model in variants.items()
@@ -396,6 +455,7 @@ def main() -> None:
         "seconds": times,
         "int8_runtime_overhead": overhead,
         "forward_shares": shares,
+        "linear_seconds": linears,
         "ppl": ppl,
         "eval": f"{args.eval_windows}x512 WikiText-2 windows",
         "prefill_linear_flops": floors,
@@ -452,9 +512,34 @@ def print_tables(report: dict) -> None:
         for key, parts in rows.items():
             cells = " | ".join(f"{100 * parts[p]:.0f} %" for p in (*PARTS, "other"))
             print(f"| {name} | {key} | {cells} |")
+    print_ceilings(report)
     print("\n| variant | WikiText-2 PPL |\n|---|---|")
     for name, value in report["ppl"].items():
         print(f"| {name} | {value:.3f} |")
+
+
+def print_ceilings(report: dict) -> None:
+    """What faster linears alone can gain: fp32's forward with its decoder linears'
+    fp32 time replaced by the int8 GEMMs' (``linear_seconds``), against what the
+    executed model measured."""
+    times = report["seconds"]
+    print(
+        "\n| executed | shape | fp32 (s) | its linears in fp32 (s) | in int8 GEMMs "
+        "(s) | int8 GEMMs' speed-up | ceiling over fp32 | measured | executed "
+        "outside its GEMMs (s) | fp32 outside its linears (s) |"
+    )
+    print("|---|---|---|---|---|---|---|---|---|---|")
+    for name, rows in report.get("linear_seconds", {}).items():
+        for key, linear in rows.items():
+            fp32, executed = times["fp32"][key], times[name][key]
+            rest = fp32 - linear["fp32"]
+            ceiling = fp32 / (rest + linear["int8"])
+            print(
+                f"| {name} | {key} | {fp32:.3f} | {linear['fp32']:.3f} | "
+                f"{linear['int8']:.3f} | {linear['fp32'] / linear['int8']:.2f}× | "
+                f"{ceiling:.2f}× | {fp32 / executed:.2f}× | "
+                f"{executed - linear['int8']:.3f} | {rest:.3f} |"
+            )
 
 
 if __name__ == "__main__":
