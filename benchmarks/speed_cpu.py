@@ -28,8 +28,9 @@ prefill), in every variant alike.
 
 The ceiling table bounds what int8 linears alone can gain on this CPU: each
 decoder GEMM of the fp32 model and of the executed one timed alone at the
-prefill's rows (``linear_seconds``), and fp32's forward with the first replaced by
-the second; beside it, the time each model spends outside its linears.
+prefill's rows (``fp32_linear_seconds``, ``int8_gemm_seconds``), and fp32's
+forward with the first replaced by the second; beside it, the time each model
+spends outside its linears.
 
     python benchmarks/speed_cpu.py --model smollm2-135m --output \
         benchmarks/results/speed_cpu_smollm2.json
@@ -98,40 +99,42 @@ def prefill(model: nn.Module, ids: torch.Tensor) -> None:
         model(input_ids=ids, use_cache=False, logits_to_keep=1)
 
 
-def linear_seconds(
-    fp32: nn.Module, executed: nn.Module, rows: int, repeats: int
-) -> dict[str, float]:
-    """Seconds of one forward's decoder linears at ``rows`` input rows, each GEMM
-    timed alone on a random input and counted as often as the model runs it:
-    ``fp32``, ``fp32``'s own weights in ``F.linear``; ``int8``, the executed
-    model's packed weights in oneDNN's int8 GEMM (its halves too, where it has
-    them) fed u8 codes directly, without the quantization. What the linears alone
-    could gain, with everything else as it is."""
-    counts: dict[tuple, list] = {}
+def fp32_linear_seconds(fp32: nn.Module, rows: int, repeats: int) -> float:
+    """Seconds of one forward's decoder linears at ``rows`` input rows in
+    ``F.linear`` with ``fp32``'s weights, each shape timed alone on a random input
+    and counted as often as the model runs it."""
+    shapes: dict[tuple, list] = {}
     for linear in decoder_linears(fp32):
-        counts.setdefault(tuple(linear.weight.shape), []).append(linear)
-    seconds = {"fp32": 0.0, "int8": 0.0}
+        shapes.setdefault(tuple(linear.weight.shape), []).append(linear.weight)
+    seconds = 0.0
     with torch.no_grad():
-        for linears in counts.values():
-            weight = linears[0].weight
-            x = torch.randn(rows, weight.shape[1])
-            run = lambda x=x, w=weight: nn.functional.linear(x, w)  # noqa: E731
-            seconds["fp32"] += timed(run, repeats) * len(linears)
-        gemms: dict[tuple, list] = {}
-        for kernel in executed_kernels(executed):
-            shape = (kernel.in_features, kernel.out_features, kernel.halves)
-            gemms.setdefault(shape, []).append(kernel)
-        for (in_features, _, halves), kernels in gemms.items():
-            k = kernels[0]
-            width = 2 * in_features if halves else in_features
-            codes = torch.randint(0, 256, (rows, width), dtype=torch.uint8)
-            zero_point = HALVES_ZERO_POINT if halves else ACTIVATION_ZERO_POINT
-            args = (k.packed, k.weight_scale, k.weight_zero_point, k.bias)
+        for weights in shapes.values():
+            x = torch.randn(rows, weights[0].shape[1])
+            run = lambda x=x, w=weights[0]: nn.functional.linear(x, w)  # noqa: E731
+            seconds += timed(run, repeats) * len(weights)
+    return seconds
 
-            def run(codes=codes, zero_point=zero_point, args=args) -> None:
-                int8_gemm(codes, 1.0, zero_point, *args, torch.float32)
 
-            seconds["int8"] += timed(run, repeats) * len(kernels)
+def int8_gemm_seconds(executed: nn.Module, rows: int, repeats: int) -> float:
+    """:func:`fp32_linear_seconds` for the executed model's int8 GEMMs: its packed
+    weights in oneDNN's GEMM (its halves too, where it has them), fed u8 codes
+    directly, without the quantization."""
+    shapes: dict[tuple, list] = {}
+    for kernel in executed_kernels(executed):
+        shape = (kernel.in_features, kernel.out_features, kernel.halves)
+        shapes.setdefault(shape, []).append(kernel)
+    seconds = 0.0
+    for (in_features, _, halves), kernels in shapes.items():
+        k = kernels[0]
+        width = 2 * in_features if halves else in_features
+        codes = torch.randint(0, 256, (rows, width), dtype=torch.uint8)
+        zero_point = HALVES_ZERO_POINT if halves else ACTIVATION_ZERO_POINT
+        args = (k.packed, k.weight_scale, k.weight_zero_point, k.bias)
+
+        def run(codes=codes, zero_point=zero_point, args=args) -> None:
+            int8_gemm(codes, 1.0, zero_point, *args, torch.float32)
+
+        seconds += timed(run, repeats) * len(kernels)
     return seconds
 
 
@@ -421,15 +424,18 @@ def main() -> None:
     }
     # the linears' own ceiling: every decoder GEMM at the int8 kernel's speed,
     # all else at fp32's
+    rows_of = {f"prefill {batch}x{seqlen}": batch * seqlen for batch, seqlen in shapes}
     linears = {
-        name: {
-            f"prefill {batch}x{seqlen}": linear_seconds(
-                variants["fp32"], variants[name], batch * seqlen, args.repeats
-            )
-            for batch, seqlen in shapes
+        "fp32": {
+            key: fp32_linear_seconds(variants["fp32"], rows, args.repeats)
+            for key, rows in rows_of.items()
         }
-        for name in (EXECUTED, *sorted(executed_also))
     }
+    for name in (EXECUTED, *sorted(executed_also)):
+        linears[name] = {
+            key: int8_gemm_seconds(variants[name], rows, args.repeats)
+            for key, rows in rows_of.items()
+        }
     ppl = {
         name: perplexity(model, evaluation, progress=False).ppl
         for name, model in variants.items()
@@ -520,7 +526,7 @@ def print_tables(report: dict) -> None:
 
 def print_ceilings(report: dict) -> None:
     """What faster linears alone can gain: fp32's forward with its decoder linears'
-    fp32 time replaced by the int8 GEMMs' (``linear_seconds``), against what the
+    fp32 time replaced by the int8 GEMMs' (``int8_gemm_seconds``), against what the
     executed model measured."""
     times = report["seconds"]
     print(
@@ -529,16 +535,18 @@ def print_ceilings(report: dict) -> None:
         "outside its GEMMs (s) | fp32 outside its linears (s) |"
     )
     print("|---|---|---|---|---|---|---|---|---|---|")
-    for name, rows in report.get("linear_seconds", {}).items():
-        for key, linear in rows.items():
+    linears = report.get("linear_seconds", {})
+    for name, rows in linears.items():
+        if name == "fp32":
+            continue
+        for key, int8 in rows.items():
             fp32, executed = times["fp32"][key], times[name][key]
-            rest = fp32 - linear["fp32"]
-            ceiling = fp32 / (rest + linear["int8"])
+            fp32_linears = linears["fp32"][key]
+            rest = fp32 - fp32_linears
             print(
-                f"| {name} | {key} | {fp32:.3f} | {linear['fp32']:.3f} | "
-                f"{linear['int8']:.3f} | {linear['fp32'] / linear['int8']:.2f}× | "
-                f"{ceiling:.2f}× | {fp32 / executed:.2f}× | "
-                f"{executed - linear['int8']:.3f} | {rest:.3f} |"
+                f"| {name} | {key} | {fp32:.3f} | {fp32_linears:.3f} | {int8:.3f} | "
+                f"{fp32_linears / int8:.2f}× | {fp32 / (rest + int8):.2f}× | "
+                f"{fp32 / executed:.2f}× | {executed - int8:.3f} | {rest:.3f} |"
             )
 
 
