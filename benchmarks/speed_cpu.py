@@ -107,11 +107,14 @@ def fp32_linear_seconds(fp32: nn.Module, rows: int, repeats: int) -> float:
     for linear in decoder_linears(fp32):
         shapes.setdefault(tuple(linear.weight.shape), []).append(linear.weight)
     seconds = 0.0
-    with torch.no_grad():
-        for weights in shapes.values():
-            x = torch.randn(rows, weights[0].shape[1])
-            run = lambda x=x, w=weights[0]: nn.functional.linear(x, w)  # noqa: E731
-            seconds += timed(run, repeats) * len(weights)
+    for weights in shapes.values():
+        x = torch.randn(rows, weights[0].shape[1])
+
+        def run(x=x, weight=weights[0]) -> None:
+            with torch.no_grad():
+                nn.functional.linear(x, weight)
+
+        seconds += timed(run, repeats) * len(weights)
     return seconds
 
 
@@ -125,14 +128,14 @@ def int8_gemm_seconds(executed: nn.Module, rows: int, repeats: int) -> float:
         shapes.setdefault(shape, []).append(kernel)
     seconds = 0.0
     for (in_features, _, halves), kernels in shapes.items():
-        k = kernels[0]
+        kernel = kernels[0]
         width = 2 * in_features if halves else in_features
         codes = torch.randint(0, 256, (rows, width), dtype=torch.uint8)
         zero_point = HALVES_ZERO_POINT if halves else ACTIVATION_ZERO_POINT
-        args = (k.packed, k.weight_scale, k.weight_zero_point, k.bias)
 
-        def run(codes=codes, zero_point=zero_point, args=args) -> None:
-            int8_gemm(codes, 1.0, zero_point, *args, torch.float32)
+        def run(codes=codes, zero_point=zero_point, k=kernel) -> None:
+            weight = (k.packed, k.weight_scale, k.weight_zero_point, k.bias)
+            int8_gemm(codes, 1.0, zero_point, *weight, torch.float32)
 
         seconds += timed(run, repeats) * len(kernels)
     return seconds
