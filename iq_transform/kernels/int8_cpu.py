@@ -104,8 +104,9 @@ def _pairs_saturate(product: Callable[[torch.Tensor], torch.Tensor]) -> bool:
     every pair saturates there (codes 127 against weights 127), not by reading CPU
     flags: it is what the kernel does that matters.
 
-    :param product: the GEMM: (1, in) float32 output of the u8 codes 127 + 128
-        (zero point 128) with the given (out, in) int8 weight codes, scales 1
+    :param product: the GEMM to test: given (out, in) int8 weight codes, its (1,
+        out) float32 output for one input row of codes 127 (u8 255, zero point
+        128), all scales 1
     """
     inputs, weights = 64, 8
     result = product(torch.full((weights, inputs), 127, dtype=torch.int8))
