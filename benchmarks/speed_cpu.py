@@ -67,7 +67,6 @@ from iq_transform.kernels.int8_cpu import (
     ACTIVATION_ZERO_POINT,
     HALVES_ZERO_POINT,
     executed_kernels,
-    int8_gemm,
 )
 from iq_transform.models import get_arch_spec, load_model
 
@@ -119,8 +118,8 @@ def fp32_linear_seconds(fp32: nn.Module, rows: int, repeats: int) -> float:
 
 
 def int8_gemm_seconds(executed: nn.Module, rows: int, repeats: int) -> float:
-    """:func:`fp32_linear_seconds` for the executed model's int8 GEMMs: its packed
-    weights in oneDNN's GEMM (its halves too, where it has them), fed u8 codes
+    """:func:`fp32_linear_seconds` for the executed model's int8 GEMMs
+    (``Int8StaticLinear.gemm``, its halves too, where it has them), fed u8 codes
     directly, without the quantization."""
     shapes: dict[tuple, list] = {}
     for kernel in executed_kernels(executed):
@@ -128,14 +127,12 @@ def int8_gemm_seconds(executed: nn.Module, rows: int, repeats: int) -> float:
         shapes.setdefault(shape, []).append(kernel)
     seconds = 0.0
     for (in_features, _, halves), kernels in shapes.items():
-        kernel = kernels[0]
         width = 2 * in_features if halves else in_features
         codes = torch.randint(0, 256, (rows, width), dtype=torch.uint8)
         zero_point = HALVES_ZERO_POINT if halves else ACTIVATION_ZERO_POINT
 
-        def run(codes=codes, zero_point=zero_point, k=kernel) -> None:
-            weight = (k.packed, k.weight_scale, k.weight_zero_point, k.bias)
-            int8_gemm(codes, 1.0, zero_point, *weight, torch.float32)
+        def run(codes=codes, zero_point=zero_point, kernel=kernels[0]) -> None:
+            kernel.gemm(codes, zero_point)
 
         seconds += timed(run, repeats) * len(kernels)
     return seconds

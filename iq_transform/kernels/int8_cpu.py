@@ -183,12 +183,16 @@ def _pairs_fit_in_16_bits(weight_codes: torch.Tensor) -> bool:
     return max(-int(low), int(high)) <= PAIR_SAFE_WEIGHT_CODE
 
 
-def products_saturate(weight_codes: torch.Tensor) -> bool:
-    """Whether oneDNN's u8 x s8 GEMM on this CPU can saturate with these (out, in)
-    int8 weight codes: only where it adds pairs of products in 16 bits
-    (:func:`u8_products_saturate`) and some code exceeds 64 in magnitude, as
+def products_saturate(
+    weight_codes: torch.Tensor,
+    pairs_saturate: Callable[[], bool] = u8_products_saturate,
+) -> bool:
+    """Whether a u8 x s8 GEMM on this CPU can saturate with these (out, in) int8
+    weight codes: only where it adds pairs of products in 16 bits
+    (``pairs_saturate``: oneDNN's :func:`u8_products_saturate`, or
+    :func:`fbgemm_products_saturate`) and some code exceeds 64 in magnitude, as
     8-bit weights do; 7-bit weights (a W7A8 recipe) never saturate."""
-    return u8_products_saturate() and not _pairs_fit_in_16_bits(weight_codes)
+    return pairs_saturate() and not _pairs_fit_in_16_bits(weight_codes)
 
 
 def cpu_computes_bf16() -> bool:
@@ -291,7 +295,7 @@ class Int8StaticLinear:
         if (
             small_rows > 0
             and fbgemm_available()
-            and (not fbgemm_products_saturate() or _pairs_fit_in_16_bits(codes))
+            and not products_saturate(codes, fbgemm_products_saturate)
         ):
             # it takes the codes as floats (see product): both scales in the weight's
             scales = weight_scale.double() * input_scale
@@ -346,7 +350,13 @@ class Int8StaticLinear:
         zero_point = ACTIVATION_ZERO_POINT
         if self.halves:
             codes, zero_point = split_in_halves(codes), HALVES_ZERO_POINT
-        product = int8_gemm(
+        return self.gemm(codes, zero_point).to(self.output_dtype)
+
+    def gemm(self, codes: torch.Tensor, zero_point: int) -> torch.Tensor:
+        """(rows, out) oneDNN product of u8 ``codes`` (rows, in; in halves, rows,
+        2 * in, where :attr:`halves`) minus ``zero_point`` with the packed weight,
+        dequantized, plus the bias, in ``gemm_dtype``."""
+        return int8_gemm(
             codes,
             self.input_scale,
             zero_point,
@@ -356,7 +366,6 @@ class Int8StaticLinear:
             self.bias,
             self.gemm_dtype,
         )
-        return product.to(self.output_dtype)
 
 
 class Int8SiblingLinears:
